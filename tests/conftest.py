@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random SD 1.x model written once per test session, in diffusers layout."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails at once instead of hanging
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
+
+from tiny_model import build_tiny_sd  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture
+def unet(tiny_model_dir) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+
+
+@pytest.fixture
+def text_encoder(tiny_model_dir) -> CLIPTextModel:
+    return CLIPTextModel.from_pretrained(tiny_model_dir, subfolder="text_encoder").eval()
+
+
+@pytest.fixture
+def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents 2x4x8x8, timesteps, caption embeddings 2x77x32) from a fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g)

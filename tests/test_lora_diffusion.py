@@ -1,0 +1,283 @@
+"""LoRALayer, LoRANetwork, injection and the LoRA file."""
+
+import logging
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lora_diffusion import (
+    LORA_FILE_NAME, LoRAError, LoRALayer, fuse_lora_file, inject_trainable_lora, lora_deltas, read_lora_file,
+)
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def hand_picked_layer(alpha: float = 2.0) -> LoRALayer:
+    base = nn.Linear(3, 2, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]))
+        base.bias.copy_(torch.tensor([0.1, -0.2]))
+    layer = LoRALayer(base, rank=1, alpha=alpha)
+    with torch.no_grad():
+        layer.down.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+        layer.up.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    return layer
+
+
+def unet_output(unet, inputs) -> torch.Tensor:
+    latents, timesteps, embeddings = inputs
+    with torch.no_grad():
+        return unet(latents, timesteps, embeddings).sample
+
+
+def randomize_up(network, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in network.layers.values():
+            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
+
+
+def test_new_layer_is_exact_no_op():
+    """A freshly initialised LoRA layer (up = 0) returns exactly the base output."""
+    base = nn.Linear(16, 8)
+    layer = LoRALayer(base, rank=4, alpha=8.0)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))
+    assert layer.down.weight.abs().sum() > 0, "down must be randomly initialised"
+
+
+def test_forward_equals_formula_with_hand_picked_weights():
+    """out = base(x) + multiplier * (alpha / rank) * up(down(x)), worked by hand."""
+    layer = hand_picked_layer(alpha=2.0)  # scale = 2
+    x = torch.tensor([[1.0, 1.0, 1.0]])
+    # base: [0 + 0.1, 2.5 - 0.2]; down(x) = 6; up -> [6, -6]; scaled by 2 -> [12, -12]
+    torch.testing.assert_close(layer(x), torch.tensor([[12.1, -9.7]]))
+    layer.multiplier = 0.5
+    torch.testing.assert_close(layer(x), torch.tensor([[6.1, -3.7]]))
+
+
+def test_alpha_doubles_the_delta():
+    """Doubling alpha at fixed rank doubles the LoRA contribution."""
+    x = torch.randn(4, 3)
+    small, large = hand_picked_layer(alpha=1.0), hand_picked_layer(alpha=2.0)
+    base_out = small.base(x)
+    torch.testing.assert_close(large(x) - base_out, 2 * (small(x) - base_out))
+
+
+def test_lora_weights_stay_fp32_on_half_base():
+    """LoRA parameters are fp32 whatever the base dtype; the output keeps the base dtype."""
+    layer = LoRALayer(nn.Linear(8, 8).to(torch.bfloat16), rank=2)
+    assert layer.down.weight.dtype == torch.float32 and layer.up.weight.dtype == torch.float32
+    assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("base", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1)], ids=["linear", "conv1x1"])
+def test_merge_equals_unmerged_and_unmerge_restores(base):
+    """merge() folds the update with the same scale as forward; unmerge() gives the base weight back."""
+    layer = LoRALayer(base, rank=2, alpha=3.0)
+    nn.init.normal_(layer.up.weight)
+    layer.multiplier = 0.7
+    x = torch.randn(2, 6) if isinstance(base, nn.Linear) else torch.randn(2, 6, 3, 3)
+    original_weight = base.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original_weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_layer_rejects_non_1x1_kernel():
+    """Only 1x1 convolutions are LoRA targets; a 3x3 is refused with a message naming the kernel."""
+    with pytest.raises(LoRAError, match=r"1x1.*\(3, 3\)"):
+        LoRALayer(nn.Conv2d(4, 4, 3))
+
+
+def test_injection_hits_exactly_every_attention_projection(unet):
+    """Every q/k/v/out projection of every self- and cross-attention block is wrapped, and nothing else."""
+    expected = sorted(
+        f"{path}.{proj}" for path, module in unet.named_modules()
+        if path.endswith((".attn1", ".attn2")) for proj in ATTENTION_PROJECTIONS
+    )
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    wrapped = sorted(path for path, module in unet.named_modules() if isinstance(module, LoRALayer))
+    assert wrapped == expected
+    assert len(network.layers) == len(expected) == 4 * 2 * 4  # 4 transformer blocks (down, mid, 2 up) x 2 attns x 4
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0" in network.layers
+
+
+def test_injection_is_on_the_forward_path(unet, unet_inputs):
+    """A non-zero up weight in any one injected layer changes the UNet output."""
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    before = unet_output(unet, unet_inputs)
+    assert torch.equal(before, unet_output(unet, unet_inputs))
+    for name in [next(iter(network.layers)), "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0"]:
+        layer = network.layers[name]
+        nn.init.normal_(layer.up.weight)
+        assert not torch.allclose(unet_output(unet, unet_inputs), before), name
+        nn.init.zeros_(layer.up.weight)
+
+
+def test_injection_freezes_everything_else(unet, text_encoder):
+    """After injection only LoRA down/up weights require grad, in the UNet and the text encoder."""
+    network = inject_trainable_lora(unet, text_encoder=text_encoder)
+    trainable = {id(p) for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in network.parameters()}
+    assert len(network.parameters()) == 2 * len(network.layers)
+
+
+def test_injection_refuses_no_match_and_double_injection(unet):
+    """No matching module, or LoRA already present, is a clear error."""
+    with pytest.raises(LoRAError, match="no UNet module matches targets"):
+        inject_trainable_lora(unet, targets=("to_qq",))
+    inject_trainable_lora(unet)
+    with pytest.raises(LoRAError, match="already has LoRA layers"):
+        inject_trainable_lora(unet)
+
+
+def test_text_encoder_names_follow_the_kohya_template(text_encoder):
+    """Text-encoder keys are lora_te_text_model_encoder_layers_N_self_attn_X, whatever transformers calls them."""
+    from tiny_model import build_unet
+
+    network = inject_trainable_lora(build_unet(), text_encoder=text_encoder)
+    te_names = sorted(n for n in network.layers if n.startswith("lora_te_"))
+    expected = sorted(f"lora_te_text_model_encoder_layers_{i}_self_attn_{p}"
+                      for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert te_names == expected
+
+
+def test_only_lora_weights_change_after_optimizer_steps(unet, unet_inputs):
+    """Three AdamW steps move the LoRA weights and leave every base weight bitwise unchanged."""
+    frozen_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    lora_before = [p.detach().clone() for p in network.parameters()]
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    latents, timesteps, embeddings = unet_inputs
+    for _ in range(3):
+        loss = unet(latents, timesteps, embeddings).sample.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = unet.state_dict()
+    for key, value in frozen_before.items():
+        wrapped_key = key if key in state else key.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(state[wrapped_key], value), key
+    changed = [not torch.equal(a, b) for a, b in zip(lora_before, network.parameters())]
+    assert all(changed[1::2]), "every up weight must move"
+
+
+def test_save_load_round_trip_reproduces_outputs(tiny_model_dir, unet, unet_inputs, tmp_path):
+    """A saved LoRA loaded into a fresh model gives bitwise the same UNet output."""
+    from diffusers import UNet2DConditionModel
+
+    network = inject_trainable_lora(unet, rank=2, alpha=1.0)
+    randomize_up(network)
+    expected = unet_output(unet, unet_inputs)
+    path = network.save(tmp_path / LORA_FILE_NAME, metadata={"base_model": "tiny"})
+    fresh = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    metadata = inject_trainable_lora(fresh, rank=2, alpha=1.0).load(path)
+    assert torch.equal(unet_output(fresh, unet_inputs), expected)
+    assert metadata["rank"] == "2" and metadata["alpha"] == "1.0" and metadata["base_model"] == "tiny"
+    tensors, _ = read_lora_file(path)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"].shape == ()
+
+
+def test_strict_load_names_missing_unexpected_and_misshaped_keys(unet, tmp_path):
+    """Loading a file that does not fit lists the offending keys."""
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    tensors = network.state_dict()
+    dropped = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_v.lora_up.weight"
+    del tensors[dropped]
+    tensors["lora_unet_mid_block_foo.lora_down.weight"] = torch.zeros(2, 2)
+    reshaped = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    tensors[reshaped] = torch.zeros(3, 32)
+    with pytest.raises(LoRAError) as error:
+        network.load_state_dict(tensors, source="bad.safetensors")
+    message = str(error.value)
+    assert "bad.safetensors" in message and dropped in message
+    assert "lora_unet_mid_block_foo.lora_down.weight" in message and reshaped in message
+
+
+def test_strict_load_refuses_other_alpha(unet):
+    """A file trained at another alpha is refused rather than loaded at the wrong strength."""
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    tensors = network.state_dict()
+    tensors = {k: (torch.tensor(4.0) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    with pytest.raises(LoRAError, match="alpha 4.0"):
+        network.load_state_dict(tensors)
+
+
+def test_pickle_named_safetensors_is_refused_without_running_it(tmp_path):
+    """A pickle renamed .safetensors is refused by content and never unpickled."""
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(LoRAError, match="not a readable safetensors file"):
+        read_lora_file(path)
+    assert not marker.exists()
+
+
+def test_file_loads_in_diffusers_at_the_trained_alpha(tiny_model_dir, unet_inputs, tmp_path, caplog):
+    """diffusers' load_lora_weights reads every key (UNet and text encoder) and applies alpha/rank, alpha != rank."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    ids = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    network = inject_trainable_lora(pipe.unet, rank=4, alpha=1.0, text_encoder=pipe.text_encoder)
+    randomize_up(network)
+    expected_unet = unet_output(pipe.unet, unet_inputs)
+    with torch.no_grad():
+        expected_text = pipe.text_encoder(ids)[0]
+    network.save(tmp_path / LORA_FILE_NAME)
+
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    diffusers_logging.enable_propagation()  # so caplog sees diffusers' warnings about keys it did not use
+    with caplog.at_level(logging.WARNING):
+        fresh.load_lora_weights(str(tmp_path))  # a folder: diffusers finds pytorch_lora_weights.safetensors
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()
+                or "not used" in r.getMessage().lower() or "unused" in r.getMessage().lower()]
+    torch.testing.assert_close(unet_output(fresh.unet, unet_inputs), expected_unet, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.text_encoder(ids)[0], expected_text, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_style_file_fuses_at_its_metadata_alpha(unet, tiny_model_dir, unet_inputs, tmp_path):
+    """A diffusers/PEFT file (lora_A/lora_B keys, alpha in lora_adapter_metadata) fuses to the same output."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    network = inject_trainable_lora(unet, rank=4, alpha=2.0)
+    randomize_up(network)
+    expected = unet_output(unet, unet_inputs)
+    peft = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, LoRALayer):
+            peft[f"unet.{path}.lora_A.weight"] = module.down.weight.detach().clone()
+            peft[f"unet.{path}.lora_B.weight"] = module.up.weight.detach().clone()
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2.0})}
+    save_file(peft, str(tmp_path / "peft.safetensors"), metadata=header)
+
+    fresh = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    assert fuse_lora_file(tmp_path / "peft.safetensors", fresh, None) == len(network.layers)
+    torch.testing.assert_close(unet_output(fresh, unet_inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_deltas_refuse_keys_for_another_model(unet, tmp_path):
+    """A LoRA whose keys match no module (e.g. SDXL) is refused, naming the keys."""
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoRAError, match="lora_unet_input_blocks_4_1_proj_in"):
+        lora_deltas(tmp_path / "x.safetensors", unet)
