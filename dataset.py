@@ -1,0 +1,268 @@
+"""A folder of images and captions, checked once at start, served as training tensors.
+
+Captions come from `metadata.jsonl` / `metadata.csv` (the Hugging Face imagefolder convention: `file_name` and
+`text` columns), else from a same-stem text file (`photo.jpg` + `photo.txt`), else the fallback caption.
+Every image is fully decoded at start: a file that cannot be used is skipped with one warning naming it and a
+reason, and listed in `skipped`; a folder with nothing usable is an error that lists what it holds.
+"""
+
+import csv
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+MIN_SIDE_FRACTION = 4  # images whose short side is under resolution / 4 would be upscaled past usefulness
+
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used at all; the message says what was found and what to do."""
+
+
+@dataclass
+class Example:
+    path: Path
+    caption: str
+
+
+@dataclass
+class ScanResult:
+    examples: list[Example] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"file": relative path, "reason": ...}
+    notes: Counter = field(default_factory=Counter)  # kinds of odd-but-usable inputs -> count
+
+
+def is_ignored(path: Path) -> bool:
+    """Hidden files (`.DS_Store`, macOS `._x.jpg`) and OS droppings are never data."""
+    return any(part.startswith(".") for part in path.parts) or path.name.lower() in IGNORED_NAMES
+
+
+def load_image(path: Path) -> tuple[Image.Image, list[str]]:
+    """Fully decode an image to 8-bit RGB, the right way for each mode. Returns (image, notes).
+
+    EXIF orientation is applied; transparency is composited onto white; 16/32-bit integer images are scaled
+    (not clipped) to 8 bits. Raises ValueError with a readable reason when the file cannot be used.
+    """
+    notes = []
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # a truncated file opens fine and fails only here, on full decode
+            if opened.getexif().get(0x0112, 1) != 1:
+                notes.append("EXIF rotation applied")
+            image = ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        raise ValueError("not an image (content not recognised)") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"too many pixels to decode safely ({error})") from None
+    except OSError as error:
+        text = str(error)
+        reason = "truncated or corrupt" if "truncated" in text or "broken" in text else f"cannot be decoded: {text}"
+        raise ValueError(reason) from None
+    return to_rgb8(image, notes), notes
+
+
+def to_rgb8(image: Image.Image, notes: list[str]) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit PNG/TIFF greyscale: PIL's convert("L") clips everything above 255 to white; scale instead.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 or image.mode.startswith("I;16") else 255.0
+        if image.mode == "F":
+            peak = 1.0 if array.max() <= 1.0 else peak
+        notes.append(f"high bit depth ({image.mode}) scaled to 8 bits")
+        array = np.clip(np.round(array / peak * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        notes.append("transparency composited onto white")
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        notes.append(f"{image.mode} converted to RGB")
+    return image.convert("RGB")
+
+
+def read_caption_file(path: Path) -> str:
+    """UTF-8 text (a BOM is allowed), whitespace collapsed. Raises ValueError naming the bad byte."""
+    try:
+        return " ".join(path.read_bytes().decode("utf-8-sig").split())
+    except UnicodeDecodeError as error:
+        raise ValueError(f"caption {path.name} is not UTF-8 (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}); re-save it as UTF-8") from None
+
+
+def read_metadata(root: Path) -> dict[Path, str] | None:
+    """Captions from metadata.jsonl / metadata.csv (`file_name`, `text`), keyed by resolved image path."""
+    for name in METADATA_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise DatasetError(f"{path} is not UTF-8 text; re-save it as UTF-8") from None
+        if name.endswith(".jsonl"):
+            rows = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise DatasetError(f"{path} line {number} is not valid JSON ({error.msg})") from None
+        else:
+            rows = list(csv.DictReader(text.splitlines()))
+        captions = {}
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+                raise DatasetError(f"{path} row {number} needs the fields 'file_name' and 'text', got {row!r:.120}")
+            captions[(root / row["file_name"]).resolve()] = " ".join(str(row["text"]).split())
+        return captions
+    return None
+
+
+def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resolution: int) -> ScanResult:
+    """Find, fully decode and caption every image under `root` (sub-folders included)."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; set dataset_path to a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        found = Counter(p.suffix.lower() or "(no extension)" for p in files)
+        listing = ", ".join(f"{n} {ext}" for ext, n in found.most_common()) or "nothing"
+        raise DatasetError(f"no images in {root} (found: {listing}); expected files ending in "
+                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    metadata = read_metadata(root)
+    if metadata is None:
+        check_caption_extension(files, images, caption_extension, root)
+
+    result = ScanResult()
+    min_side = max(1, resolution // MIN_SIDE_FRACTION)
+    for path in images:
+        relative = str(path.relative_to(root))
+        try:
+            image, notes = load_image(path)
+            if min(image.size) < min_side:
+                raise ValueError(f"too small ({image.size[0]}x{image.size[1]}; at least {min_side} px on the short "
+                                 f"side for resolution {resolution})")
+            caption = caption_for(path, metadata, caption_extension)
+        except ValueError as error:
+            log.warning(f"skipping {relative}: {error}")
+            result.skipped.append({"file": relative, "reason": str(error)})
+            continue
+        if not caption:
+            caption = fallback_caption
+            notes.append("no caption: fallback caption used")
+        if max(image.size) > 4 * min(image.size):
+            notes.append("extreme aspect ratio (over 4:1): the crop keeps a small part")
+        result.notes.update(notes)
+        result.examples.append(Example(path, caption))
+    if not result.examples:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in result.skipped[:5])
+        raise DatasetError(f"none of the {len(images)} images in {root} can be used ({reasons})")
+    return result
+
+
+def check_caption_extension(files: list[Path], images: list[Path], caption_extension: str, root: Path) -> None:
+    """Refuse a run whose captions would all be silently ignored because they use another extension."""
+    stems = {p.with_suffix("") for p in images}
+    configured = sum(1 for p in files if p.suffix == caption_extension and p.with_suffix("") in stems)
+    others = Counter(p.suffix for p in files
+                     if p.suffix.lower() in CAPTION_EXTENSIONS and p.suffix != caption_extension
+                     and p.with_suffix("") in stems)
+    if configured == 0 and others:
+        found, count = others.most_common(1)[0]
+        raise DatasetError(f"{root} has {count} caption file(s) ending in '{found}' but caption_extension is "
+                           f"'{caption_extension}'; set caption_extension to '{found}'")
+
+
+def caption_for(path: Path, metadata: dict[Path, str] | None, caption_extension: str) -> str:
+    if metadata is not None:
+        return metadata.get(path.resolve(), "")
+    caption_path = path.with_suffix(caption_extension)
+    return read_caption_file(caption_path) if caption_path.is_file() else ""
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                    rng: random.Random) -> Image.Image:
+    """Resize the short side to `resolution`, crop a square (center or random), optionally mirror."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+    if center_crop:
+        left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+    else:
+        left, top = rng.randint(0, new_size[0] - resolution), rng.randint(0, new_size[1] - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> float tensor 3 x H x W in [-1, 1]."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class CustomDataset(Dataset):
+    """Images (and captions) under `dataset_path` as training items {"pixel_values": 3xRxR in [-1, 1], "caption"}.
+
+    Random crops and flips derive from (seed, epoch, index), so an epoch replays identically; call
+    `set_epoch(epoch)` at the start of each epoch.
+    """
+
+    def __init__(self, dataset_path: str | Path, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = False, caption_extension: str = ".txt", fallback_caption: str = "",
+                 seed: int = 0):
+        self.root = Path(dataset_path)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        scan = scan_folder(self.root, caption_extension, fallback_caption, resolution)
+        self.examples = scan.examples
+        self.skipped = scan.skipped
+        self.notes = scan.notes
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        image, _ = load_image(example.path)
+        flip = self.random_flip and rng.random() < 0.5
+        image = resize_and_crop(image, self.resolution, self.center_crop, flip, rng)
+        return {"pixel_values": to_tensor(image), "caption": example.caption, "index": index}
+
+    def summary(self) -> str:
+        lines = [f"dataset {self.root}: {len(self.examples)} usable, {len(self.skipped)} skipped"]
+        lines += [f"  {count} image(s): {note}" for note, count in sorted(self.notes.items())]
+        return "\n".join(lines)
+
+    def write_report(self, path: str | Path) -> Path:
+        """JSON report of what was used and what was skipped and why (the data_report.json of a run)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {"dataset_path": str(self.root), "usable": len(self.examples), "skipped_count": len(self.skipped),
+                  "skipped": self.skipped, "notes": dict(self.notes)}
+        path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        return path
