@@ -222,7 +222,8 @@ class CustomDataset(Dataset):
     """Images (and captions) under `dataset_path` as training items {"pixel_values": 3xRxR in [-1, 1], "caption"}.
 
     Random crops and flips derive from (seed, epoch, index), so an epoch replays identically; call
-    `set_epoch(epoch)` at the start of each epoch.
+    `begin_epoch(epoch)` at the start of each epoch. (Not named `set_epoch`: accelerate calls that with its own
+    pass counter, which restarts at 0 on resume.)
     """
 
     def __init__(self, dataset_path: str | Path, resolution: int = 512, center_crop: bool = True,
@@ -242,7 +243,7 @@ class CustomDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def set_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:

@@ -120,7 +120,7 @@ def test_random_crop_and_flip_replay_for_same_epoch(tmp_path):
     assert torch.equal(first, data[0]["pixel_values"])
     different = False
     for epoch in range(1, 6):
-        data.set_epoch(epoch)
+        data.begin_epoch(epoch)
         different |= not torch.equal(first, data[0]["pixel_values"])
     assert different
 

@@ -1,0 +1,186 @@
+"""Sample images from Stable Diffusion 1.x with one or more LoRA files fused into the weights.
+
+Edit the constants below and run `python generate.py`, or override any with a same-named flag:
+    python generate.py --lora output/pytorch_lora_weights.safetensors:0.8 --prompt "a photo of sks dog"
+Images are PNGs named <run time>-<index>.png (never from the prompt text) with the generation settings in a
+PNG text chunk, plus one grid per run.
+"""
+
+# --- model ---
+pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
+lora = ("output/pytorch_lora_weights.safetensors",)  # PATH or PATH:SCALE, several allowed; empty: base model
+# --- what to draw ---
+prompt = "a photo of an astronaut"
+prompts_file = ""  # a text file with one prompt per line; replaces `prompt` when set
+negative_prompt = ""
+num_images = 4  # per prompt; image i of the run uses seed + i
+seed = 0
+# --- sampler ---
+scheduler = "pndm"  # pndm (the SD 1.4 default), ddim, euler, euler_a, dpm++
+num_inference_steps = 25
+guidance_scale = 7.5
+height = 512  # px, a multiple of 8
+width = 512
+mixed_precision = "auto"  # auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16
+output_dir = "samples"
+
+import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
+import sys  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from settings import ConfigError, build_parser, check_model_source  # noqa: E402
+
+CONFIG_NAMES = [name for name, value in list(globals().items())
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = {name: globals()[name] for name in CONFIG_NAMES}
+    cfg = build_parser(defaults, __doc__.splitlines()[0]).parse_args(argv)
+    cfg.lora = tuple(cfg.lora)
+    return cfg
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`path` or `path:scale` (the last colon splits, so Windows drive letters survive)."""
+    path, _, scale = spec.rpartition(":")
+    if path and scale:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def read_prompts(cfg) -> list[str]:
+    if not cfg.prompts_file:
+        if not cfg.prompt.strip():
+            raise ConfigError("--prompt is empty; give a prompt or a --prompts_file")
+        return [cfg.prompt]
+    path = Path(cfg.prompts_file)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"--prompts_file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompts_file {path} is not UTF-8 text; re-save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"--prompts_file {path} has no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+def check_config(cfg) -> list[tuple[Path, float]]:
+    """Refuse settings that cannot work; returns the parsed LoRA list."""
+    import torch
+
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler {cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        raise ConfigError(f"--mixed_precision {cfg.mixed_precision!r}: choose auto, no, fp16 or bf16")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed_precision fp16 needs a CUDA GPU; use no or bf16 on this machine")
+    for name in ("height", "width"):
+        value = getattr(cfg, name)
+        if value < 8 or value % 8:
+            raise ConfigError(f"--{name} {value}: must be a positive multiple of 8, e.g. 512")
+    if cfg.num_images < 1 or cfg.num_inference_steps < 1:
+        raise ConfigError("--num_images and --num_inference_steps must be at least 1")
+    loras = [parse_lora_spec(spec) for spec in cfg.lora]
+    for path, _ in loras:
+        if not path.is_file():
+            hint = "; train one first (python train_lora.py) or pass --lora with no value for the base model"
+            raise ConfigError(f"--lora {path}: file not found{hint}")
+    return loras
+
+
+def make_grid(images: list) -> "Image.Image":
+    """Images side by side in rows of at most 4 (all the size of the first)."""
+    from PIL import Image
+
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def parameters_text(cfg, prompt: str, seed: int, loras: list[tuple[Path, float]]) -> str:
+    """The settings of one image, in the `parameters` layout AUTOMATIC1111 writes and reads."""
+    lines = [prompt]
+    if cfg.negative_prompt:
+        lines.append(f"Negative prompt: {cfg.negative_prompt}")
+    settings = [f"Steps: {cfg.num_inference_steps}", f"Sampler: {cfg.scheduler}", f"CFG scale: {cfg.guidance_scale}",
+                f"Seed: {seed}", f"Size: {cfg.width}x{cfg.height}", f"Model: {cfg.pretrained_model_name_or_path}"]
+    settings += [f"Lora: {path.name}:{scale}" for path, scale in loras]
+    return "\n".join(lines + [", ".join(settings)])
+
+
+def load_pipeline(cfg, loras: list[tuple[Path, float]]):
+    import diffusers
+    import torch
+
+    from lora_diffusion import fuse_lora_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if device == "cuda" else "no")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    scheduler_class = getattr(diffusers, SCHEDULERS[cfg.scheduler])
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    # Fused: W += scale * (alpha / rank) * up @ down, so sampling costs exactly what the base model costs.
+    for path, scale in loras:
+        changed = fuse_lora_file(path, pipeline.unet, pipeline.text_encoder, scale)
+        print(f"LoRA {path} fused at scale {scale} into {changed} modules")
+    pipeline.set_progress_bar_config(leave=False)
+    return pipeline.to(device)
+
+
+def main(cfg: argparse.Namespace) -> list[Path]:
+    """Generate and return the paths of the images written (the grid last)."""
+    loras = check_config(cfg)
+    prompts = read_prompts(cfg)
+    check_model_source(cfg.pretrained_model_name_or_path)
+
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    pipeline = load_pipeline(cfg, loras)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run = datetime.now().strftime("%Y%m%d-%H%M%S")
+    images, paths = [], []
+    for prompt_index, prompt in enumerate(prompts):
+        for image_index in range(cfg.num_images):
+            index = prompt_index * cfg.num_images + image_index
+            image_seed = cfg.seed + index
+            # A CPU generator gives the same image for a seed on any device (diffusers' reproducibility advice).
+            generator = torch.Generator("cpu").manual_seed(image_seed)
+            image = pipeline(prompt, negative_prompt=cfg.negative_prompt or None, generator=generator,
+                             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                             height=cfg.height, width=cfg.width).images[0]
+            info = PngInfo()
+            info.add_text("parameters", parameters_text(cfg, prompt, image_seed, loras))
+            paths.append(output_dir / f"{run}-{index:03d}.png")
+            image.save(paths[-1], pnginfo=info)
+            images.append(image)
+            print(f"{paths[-1]}  (seed {image_seed}) {prompt[:60]}")
+    paths.append(output_dir / f"{run}-grid.png")
+    make_grid(images).save(paths[-1])
+    print(f"{len(images)} image(s) and a grid in {output_dir}")
+    return paths
+
+
+if __name__ == "__main__":
+    from lora_diffusion import LoRAError
+
+    try:
+        main(parse_config())
+    except (ConfigError, LoRAError) as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,55 @@
+"""The constants-as-configuration convention shared by train_lora.py and generate.py.
+
+Each script's constants at the top are its defaults; a flag of the same name overrides each one.
+"""
+
+import argparse
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the option and the fix."""
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(defaults: dict, description: str) -> argparse.ArgumentParser:
+    """One flag per constant, typed like its default (booleans parse true/false explicitly, tuples take a list)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, value in defaults.items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", type=parse_bool, default=value, metavar="true|false")
+        elif isinstance(value, tuple):
+            parser.add_argument(f"--{name}", nargs="*", default=value, metavar="VALUE")
+        else:
+            parser.add_argument(f"--{name}", type=type(value), default=value)
+    return parser
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Stop at once, with the fix, when the base model cannot be found (typo, or offline without a copy)."""
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        missing = [part for part in parts if not (local / part).is_dir()]
+        if missing:
+            raise ConfigError(f"{local} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/); "
+                              f"point pretrained_model_name_or_path at the folder holding model_index.json")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ConfigError(f"pretrained_model_name_or_path {name_or_path!r} is neither an existing folder nor a hub id "
+                          f"like 'CompVis/stable-diffusion-v1-4'; check the spelling")
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(name_or_path, "model_index.json")
+    except Exception as error:  # offline, typo, gated: the hub client has many error types, all fatal here
+        raise ConfigError(f"cannot fetch base model {name_or_path!r} ({type(error).__name__}: {str(error)[:200]}). "
+                          f"Check the id, log in with `hf auth login` if it is gated, or download it once "
+                          f"(`hf download {name_or_path}`) and pass the local folder") from None

@@ -1,0 +1,456 @@
+"""Train a LoRA for Stable Diffusion 1.x.
+
+Edit the constants below and run `python train_lora.py`; any constant can be overridden by a flag of the
+same name (`--learning_rate 5e-5`). The result is `<output_dir>/pytorch_lora_weights.safetensors`, which
+generate.py, diffusers (`load_lora_weights`), AUTOMATIC1111 and ComfyUI load.
+"""
+
+# --- base model ---
+pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
+# --- data ---
+dataset_path = "examples/dataset"  # folder of images with same-stem .txt captions or a metadata.jsonl
+caption_extension = ".txt"  # extension of the caption files beside the images
+fallback_caption = ""  # caption for images without one, e.g. "a photo of sks dog"
+resolution = 512  # px, square training crops; a multiple of 8
+center_crop = True  # False: random crops
+random_flip = False  # mirror half of the images (bad for subjects with text or asymmetry)
+# --- LoRA ---
+rank = 4  # size of the low-rank update
+alpha = 4.0  # update scale is alpha / rank
+lora_dropout = 0.0  # dropout on the LoRA input
+train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
+# --- optimisation ---
+train_batch_size = 1  # images per step per device
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+learning_rate = 1e-4
+lr_scheduler = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+lr_warmup_steps = 0  # optimizer steps
+max_train_steps = 1000  # optimizer steps; 0: run num_train_epochs instead
+num_train_epochs = 0  # used when max_train_steps is 0
+max_grad_norm = 1.0  # gradient clipping; 0 turns it off
+adam_weight_decay = 1e-2
+mixed_precision = "no"  # no, fp16 (GPU), bf16
+seed = 42
+# --- checkpoints, samples, output ---
+output_dir = "output"
+checkpointing_steps = 500  # save a resumable checkpoint every N optimizer steps; 0: never
+checkpoints_total_limit = 3  # keep only the newest N checkpoints; 0: keep all
+resume_from_checkpoint = ""  # "latest" or a checkpoint folder
+validation_prompts = ("a photo of an astronaut",)  # sampled every validation_steps; empty: no samples
+validation_steps = 500  # optimizer steps between sample sets; 0: only at the end
+validation_inference_steps = 25
+validation_guidance_scale = 7.5
+dataloader_num_workers = 0
+
+import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from settings import ConfigError, build_parser, check_model_source  # noqa: E402
+
+CONFIG_NAMES = [name for name, value in list(globals().items())
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: the constants above, overridden by same-named flags
+
+def default_config() -> dict:
+    return {name: globals()[name] for name in CONFIG_NAMES}
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    cfg = build_parser(default_config(), __doc__.splitlines()[0]).parse_args(argv)
+    cfg.validation_prompts = tuple(cfg.validation_prompts)
+    return cfg
+
+
+def check_config(cfg: argparse.Namespace) -> None:
+    """Refuse settings that cannot work, before anything is loaded."""
+    import torch
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.mixed_precision in MIXED_PRECISIONS,
+         f"--mixed_precision {cfg.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISIONS)}")
+    need(cfg.mixed_precision != "fp16" or torch.cuda.is_available(),
+         "--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+    need(cfg.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler {cfg.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+    need(cfg.resolution >= 8 and cfg.resolution % 8 == 0,
+         f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8), e.g. 512")
+    need(cfg.rank >= 1, f"--rank {cfg.rank}: must be at least 1 (4 to 32 is usual)")
+    need(cfg.alpha > 0, f"--alpha {cfg.alpha}: must be positive (alpha = rank gives scale 1)")
+    need(cfg.train_batch_size >= 1, f"--train_batch_size {cfg.train_batch_size}: must be at least 1")
+    need(cfg.gradient_accumulation_steps >= 1,
+         f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: must be at least 1")
+    need(cfg.learning_rate > 0, f"--learning_rate {cfg.learning_rate}: must be positive, e.g. 1e-4")
+    need(cfg.max_train_steps > 0 or cfg.num_train_epochs > 0,
+         "--max_train_steps and --num_train_epochs are both 0: set one of them")
+    need(min(cfg.max_train_steps, cfg.num_train_epochs, cfg.lr_warmup_steps, cfg.checkpointing_steps,
+             cfg.checkpoints_total_limit, cfg.validation_steps) >= 0,
+         "step counts, epochs and limits cannot be negative")
+    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
+    need(cfg.caption_extension.startswith("."),
+         f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+def load_models(name_or_path: str, weight_dtype):
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, frozen in `weight_dtype`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=weight_dtype)
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", dtype=weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", dtype=weight_dtype)
+    noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One training step's pieces
+
+class EpochSampler:
+    """Shuffles with a permutation derived from (seed, epoch) alone, so a resumed run replays the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def make_collate(tokenizer):
+    def collate(items: list[dict]) -> dict:
+        import torch
+        input_ids = tokenizer([item["caption"] for item in items], padding="max_length", truncation=True,
+                              max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": input_ids}
+    return collate
+
+
+def step_generator(seed: int, step: int, micro_step: int, process: int, device):
+    """Noise and timesteps derive from (seed, step, micro-step, process), so a resume draws the same ones."""
+    import torch
+    generator = torch.Generator(device=device)
+    generator.manual_seed(hash((seed, step, micro_step, process)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype):
+    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        latents = vae.encode(batch["pixel_values"].to(vae.device, weight_dtype)).latent_dist.sample(generator)
+        latents = latents * vae.config.scaling_factor
+    with torch.set_grad_enabled(text_encoder.training):
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device))[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: LoRA metadata, checkpoints, samples
+
+def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
+    """Our keys plus the `ss_*` / `modelspec.*` keys AUTOMATIC1111 shows in its LoRA card."""
+    tag_frequency = Counter(tag.strip() for e in dataset.examples for tag in e.caption.split(",") if tag.strip())
+    name = Path(cfg.output_dir).name
+    return {
+        "base_model": cfg.pretrained_model_name_or_path, "resolution": str(cfg.resolution), "step": str(step),
+        "ss_output_name": name, "ss_sd_model_name": cfg.pretrained_model_name_or_path,
+        "ss_base_model_version": "sd_v1", "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_num_train_images": str(len(dataset)), "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate),
+        "ss_training_started_at": started_at, "ss_network_dropout": str(cfg.lora_dropout),
+        "ss_tag_frequency": json.dumps({Path(cfg.dataset_path).name: dict(tag_frequency.most_common(200))}),
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.title": name,
+    }
+
+
+def save_checkpoint(folder: Path, network, optimizer, lr_scheduler, step: int, metadata: dict) -> None:
+    """LoRA file + optimizer/scheduler/RNG state, written to a temporary folder and renamed into place."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_diffusion import LORA_FILE_NAME
+
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    network.save(temporary / LORA_FILE_NAME, metadata)
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
+               for index, state in optimizer_state["state"].items() for key, value in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(temporary / STATE_TENSORS))
+    state = {"step": step, "param_groups": optimizer_state["param_groups"],
+             "lr_scheduler": lr_scheduler.state_dict(),
+             "python_random": repr(random.getstate())}
+    (temporary / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+
+
+def load_checkpoint(folder: Path, network, optimizer, lr_scheduler) -> int:
+    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_diffusion import LORA_FILE_NAME
+
+    network.load(folder / LORA_FILE_NAME)
+    tensors = load_file(str(folder / STATE_TENSORS))
+    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    optimizer_state = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optimizer_state)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(state["step"])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (a `.tmp` folder is an interrupted save and never counts)."""
+    found = []
+    for folder in output_dir.glob("checkpoint-*"):
+        suffix = folder.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (folder / STATE_JSON).is_file():
+            found.append((int(suffix), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def resolve_resume(cfg) -> Path | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(Path(cfg.output_dir))
+        if not checkpoints:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}; "
+                              f"drop the flag to start a new run, or point --output_dir at the old run")
+        return checkpoints[-1]
+    folder = Path(cfg.resume_from_checkpoint)
+    if not (folder / STATE_JSON).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {folder}: not a checkpoint folder (no {STATE_JSON}); "
+                          f"use 'latest' or a checkpoint-<step> folder")
+    return folder
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    if keep > 0:
+        for folder in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(folder)
+
+
+def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int) -> list[Path]:
+    """One image per validation prompt (seed = seed + prompt index) and a grid, in output_dir/samples/."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from generate import make_grid
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+        unet=accelerator.unwrap_model(unet),
+        scheduler=PNDMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    folder = Path(cfg.output_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, paths = [], []
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for index, prompt in enumerate(cfg.validation_prompts):
+            generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
+            image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator,
+                             guidance_scale=cfg.validation_guidance_scale,
+                             height=cfg.resolution, width=cfg.resolution).images[0]
+            paths.append(folder / f"step{step:06d}-{index:02d}.png")
+            image.save(paths[-1])
+            images.append(image)
+    unet.train(was_training)
+    make_grid(images).save(folder / f"step{step:06d}-grid.png")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(cfg: argparse.Namespace) -> Path:
+    """Train and return the path of the final LoRA file."""
+    check_config(cfg)
+    check_model_source(cfg.pretrained_model_name_or_path)
+    resume_folder = resolve_resume(cfg)
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from dataset import CustomDataset
+    from lora_diffusion import LORA_FILE_NAME, inject_trainable_lora
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        project_dir=str(output_dir / "logs"),
+    )
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # Data first: a dataset problem stops the run before the (slow) model load.
+    dataset = CustomDataset(cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                            random_flip=cfg.random_flip, caption_extension=cfg.caption_extension,
+                            fallback_caption=cfg.fallback_caption, seed=cfg.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset.write_report(output_dir / "data_report.json")
+        (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
+        print(dataset.summary())
+
+    # Frozen models in the training precision; LoRA weights stay fp32.
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg.pretrained_model_name_or_path, weight_dtype)
+    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
+    text_encoder.train(cfg.train_text_encoder)
+    vae.to(accelerator.device)
+    if not cfg.train_text_encoder:
+        text_encoder.to(accelerator.device)
+
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
+                                             collate_fn=make_collate(tokenizer),
+                                             num_workers=cfg.dataloader_num_workers)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
+    *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
+    unet = trained[0]
+    text_encoder = trained[1] if cfg.train_text_encoder else text_encoder
+
+    steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    step = load_checkpoint(resume_folder, network, optimizer, lr_scheduler) if resume_folder else 0
+    if resume_folder:
+        accelerator.print(f"resumed from {resume_folder} at step {step}")
+
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    accelerator.init_trackers("lora", config={k: str(v) for k, v in vars(cfg).items()})
+    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    start_time, start_step, loss_value = time.time(), step, float("nan")
+    unet.train()
+
+    # The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
+    while step < max_steps:
+        epoch = step // steps_per_epoch
+        sampler.begin_epoch(epoch)
+        dataset.begin_epoch(epoch)
+        skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        epoch_losses = []
+        for micro_step, batch in enumerate(batches, start=skip):
+            with accelerator.accumulate(*trained):
+                generator = step_generator(cfg.seed, step, micro_step, accelerator.process_index, accelerator.device)
+                loss = diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            epoch_losses.append(accelerator.gather(loss.detach()).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            step += 1
+            loss_value = epoch_losses[-1]
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"train/loss": loss_value, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if accelerator.is_main_process and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                save_checkpoint(output_dir / f"checkpoint-{step}", network, optimizer, lr_scheduler, step,
+                                lora_metadata(cfg, dataset, step, started_at))
+                prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+            if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
+                    and step % cfg.validation_steps == 0):
+                save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
+            if step >= max_steps:
+                break
+        if epoch_losses:
+            average = sum(epoch_losses) / len(epoch_losses)
+            progress.write(f"epoch {epoch}: average loss {average:.4f} over {len(epoch_losses)} micro-batches")
+            accelerator.log({"train/epoch_loss": average}, step=step)
+    progress.close()
+
+    # Save: the final LoRA file, samples from it, and a one-screen summary.
+    accelerator.wait_for_everyone()
+    final_path = output_dir / LORA_FILE_NAME
+    if accelerator.is_main_process:
+        network.save(final_path, lora_metadata(cfg, dataset, step, started_at))
+        if cfg.validation_prompts:
+            save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
+        elapsed = time.time() - start_time
+        steps_done = step - start_step
+        print(f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
+              f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss_value:.4f}\n"
+              f"  LoRA file:   {final_path}\n"
+              f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
+              f"  samples:     {output_dir / 'samples'}\n"
+              f"  data report: {output_dir / 'data_report.json'} ({len(dataset)} usable, "
+              f"{len(dataset.skipped)} skipped)")
+    accelerator.end_training()
+    return final_path
+
+
+if __name__ == "__main__":
+    from dataset import DatasetError
+    from lora_diffusion import LoRAError
+
+    try:
+        main(parse_config())
+    except (ConfigError, DatasetError, LoRAError) as error:
+        sys.exit(f"error: {error}")
