@@ -40,7 +40,7 @@ def check_model_source(name_or_path: str) -> None:
         parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
         missing = [part for part in parts if not (local / part).is_dir()]
         if missing:
-            raise ConfigError(f"{local} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/); "
+            raise ConfigError(f"{local} is not a diffusers Stable Diffusion folder (missing {', '.join(p + '/' for p in missing)}); "
                               f"point pretrained_model_name_or_path at the folder holding model_index.json")
         return
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:

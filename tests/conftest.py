@@ -38,3 +38,13 @@ def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents 2x4x8x8, timesteps, caption embeddings 2x77x32) from a fixed seed."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each test's main() must be free to pick its own precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

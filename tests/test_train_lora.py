@@ -1,0 +1,179 @@
+"""train_lora.py: configuration, refusals, and train -> checkpoint -> resume -> final file on the tiny model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_lora
+from conftest import REPO_ROOT
+from settings import ConfigError
+
+
+def config(tiny_model_dir, output_dir, *extra: str):
+    """A fast configuration on the tiny model and the bundled example images."""
+    return train_lora.parse_config([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
+        "--output_dir", str(output_dir), "--resolution", "64", "--rank", "4", "--alpha", "2",
+        "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--validation_steps", "0",
+        "--validation_inference_steps", "2", "--center_crop", "false", "--random_flip", "true", *extra,
+    ])
+
+
+def test_flags_override_constants_and_booleans_parse_explicitly():
+    """Every constant has a same-named flag; 'false' really means False; untouched constants keep their value."""
+    cfg = train_lora.parse_config(["--learning_rate", "5e-5", "--center_crop", "false", "--rank", "16",
+                                   "--validation_prompts", "a", "b c"])
+    assert cfg.learning_rate == 5e-5 and cfg.center_crop is False and cfg.rank == 16
+    assert cfg.validation_prompts == ("a", "b c")
+    assert cfg.alpha == train_lora.alpha and cfg.output_dir == train_lora.output_dir
+    assert set(train_lora.CONFIG_NAMES) >= {"pretrained_model_name_or_path", "resolution", "train_batch_size",
+                                            "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                                            "checkpoints_total_limit", "resume_from_checkpoint", "mixed_precision",
+                                            "lr_scheduler", "lr_warmup_steps", "seed", "output_dir", "rank", "alpha",
+                                            "dataset_path", "learning_rate"}
+    with pytest.raises(SystemExit):
+        train_lora.parse_config(["--center_crop", "maybe"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixed_precision", "fp8"], "--mixed_precision 'fp8'"),
+    (["--resolution", "500"], "--resolution 500"),
+    (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler"),
+    (["--rank", "0"], "--rank 0"),
+    (["--caption_extension", "txt"], "include the dot"),
+])
+def test_bad_settings_are_refused_naming_the_option(tiny_model_dir, tmp_path, flags, message):
+    """A setting that cannot work is refused before anything is written, naming the flag."""
+    with pytest.raises(ConfigError, match=message):
+        train_lora.main(config(tiny_model_dir, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_is_refused_before_any_work(tmp_path):
+    """A base model that is neither a folder nor a reachable hub id stops the run with the fix, writing nothing."""
+    cfg = config(tmp_path / "no-such-model", tmp_path / "out")
+    with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
+        train_lora.main(cfg)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ConfigError, match="missing unet/, vae/"):
+        train_lora.main(config(tmp_path / "half", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_id_is_refused_with_download_hint(tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1) and not cached: the message says how to get the model."""
+    cfg = config(tmp_path, tmp_path / "out")
+    cfg.pretrained_model_name_or_path = "someone/not-cached-model"
+    with pytest.raises(ConfigError, match="hf download someone/not-cached-model"):
+        train_lora.main(cfg)
+
+
+def test_resume_with_nothing_to_resume_is_refused(tiny_model_dir, tmp_path):
+    """--resume_from_checkpoint latest with no checkpoint refuses instead of silently starting over."""
+    with pytest.raises(ConfigError, match="no checkpoint in"):
+        train_lora.main(config(tiny_model_dir, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+
+
+def test_user_mistake_prints_one_line_without_traceback(tmp_path):
+    """From the command line, a user mistake exits non-zero with 'error: ...' and no traceback."""
+    result = subprocess.run([sys.executable, "train_lora.py", "--dataset_path", str(tmp_path / "missing"),
+                             "--pretrained_model_name_or_path", str(tmp_path / "missing-model")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: pretrained_model_name_or_path" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted 6-step run (checkpoints every 2 steps, last 2 kept), with samples at the end."""
+    output = tmp_path_factory.mktemp("reference")
+    cfg = config(tiny_model_dir, output, "--validation_prompts", "a photo of a cat")
+    return train_lora.main(cfg), output
+
+
+def test_run_writes_final_file_checkpoints_samples_and_report(reference_run):
+    """The final LoRA file, the newest checkpoints only, samples, config and data report are where promised."""
+    final, output = reference_run
+    assert final == output / "pytorch_lora_weights.safetensors" and final.is_file()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (output / "samples" / "step000006-00.png").is_file() and (output / "samples" / "step000006-grid.png").is_file()
+    assert json.loads((output / "data_report.json").read_text())["usable"] == 4
+    assert json.loads((output / "config.json").read_text())["rank"] == 4
+
+
+def test_final_file_carries_its_metadata_and_fp32_weights(reference_run):
+    """The file says its rank, alpha, targets, base model, resolution and step, and its tensors are finite fp32."""
+    final, _ = reference_run
+    with safe_open(str(final), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert metadata["rank"] == "4" and metadata["alpha"] == "2.0" and metadata["step"] == "6"
+    assert metadata["resolution"] == "64" and metadata["targets"] == "to_q,to_k,to_v,to_out.0"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_num_train_images"] == "4"
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(t.abs().sum() > 0 for t in ups), "every up weight must have trained away from zero"
+
+
+def test_resume_from_checkpoint_finishes_bitwise_identical(reference_run, tiny_model_dir, tmp_path):
+    """Resuming from a mid-run checkpoint (mid-epoch, with random crops and flips) gives the same LoRA bitwise."""
+    final, output = reference_run
+    resumed_output = tmp_path / "resumed"
+    resumed_output.mkdir()
+    shutil.copytree(output / "checkpoint-4", resumed_output / "checkpoint-4")
+    cfg = config(tiny_model_dir, resumed_output, "--resume_from_checkpoint", "latest", "--validation_prompts")
+    resumed = load_file(str(train_lora.main(cfg)))
+    reference = load_file(str(final))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_two_runs_with_the_same_seed_are_identical(reference_run, tiny_model_dir, tmp_path):
+    """Same seed, same data, same config: bitwise identical LoRA files."""
+    final, _ = reference_run
+    again = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "again", "--validation_prompts"))))
+    assert all(torch.equal(again[k], v) for k, v in load_file(str(final)).items())
+
+
+def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_path):
+    """bf16 mixed precision with text-encoder LoRA: finite loss, fp32 LoRA weights, lora_te_ keys trained."""
+    cfg = config(tiny_model_dir, tmp_path / "bf16", "--mixed_precision", "bf16", "--train_text_encoder", "true",
+                 "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_prompts")
+    tensors = load_file(str(train_lora.main(cfg)))
+    te_ups = [t for k, t in tensors.items() if k.startswith("lora_te_text_model_") and k.endswith("lora_up.weight")]
+    assert len(te_ups) == 8 and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in te_ups)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_loss_target_is_velocity_for_v_prediction(tiny_model_dir):
+    """With prediction_type v_prediction the loss compares against the velocity, otherwise against the noise."""
+    from diffusers import DDPMScheduler
+
+    tokenizer, text_encoder, vae, unet, _ = train_lora.load_models(str(tiny_model_dir), torch.float32)
+    batch = {"pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1,
+             "input_ids": tokenizer(["x"], padding="max_length", max_length=77, return_tensors="pt").input_ids}
+    seen = {}
+
+    def zero_unet(noisy, timesteps, states):
+        seen["noisy"], seen["t"] = noisy, timesteps
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear",
+                                  beta_start=0.00085, beta_end=0.012)
+        loss = train_lora.diffusion_loss(batch, zero_unet, vae, text_encoder, scheduler,
+                                         torch.Generator().manual_seed(0), torch.float32)
+        # Replay the same draws: latents, then noise, then timesteps, from the same generator.
+        generator = torch.Generator().manual_seed(0)
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        assert torch.equal(seen["t"], torch.randint(0, 1000, (1,), generator=generator))
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, seen["t"])
+        torch.testing.assert_close(loss, target.pow(2).mean())
