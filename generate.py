@@ -10,19 +10,19 @@ PNG text chunk, plus one grid per run.
 pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
 lora = ("output/pytorch_lora_weights.safetensors",)  # PATH or PATH:SCALE, several allowed; empty: base model
 # --- what to draw ---
-prompt = "a photo of an astronaut"
+prompt = "a photo of an astronaut"  # what to draw
 prompts_file = ""  # a text file with one prompt per line; replaces `prompt` when set
-negative_prompt = ""
+negative_prompt = ""  # what to steer away from
 num_images = 4  # per prompt; image i of the run uses seed + i
-seed = 0
+seed = 0  # seed of the first image; the same seed gives the same image on any device
 # --- sampler ---
 scheduler = "pndm"  # pndm (the SD 1.4 default), ddim, euler, euler_a, dpm++
-num_inference_steps = 25
-guidance_scale = 7.5
+num_inference_steps = 25  # sampler steps
+guidance_scale = 7.5  # classifier-free guidance strength
 height = 512  # px, a multiple of 8
-width = 512
+width = 512  # px, a multiple of 8
 mixed_precision = "auto"  # auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16
-output_dir = "samples"
+output_dir = "samples"  # where the PNGs and the grid go
 
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import sys  # noqa: E402

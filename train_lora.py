@@ -22,25 +22,25 @@ train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
-learning_rate = 1e-4
+learning_rate = 1e-4  # AdamW learning rate for the LoRA weights
 lr_scheduler = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
 lr_warmup_steps = 0  # optimizer steps
 max_train_steps = 1000  # optimizer steps; 0: run num_train_epochs instead
 num_train_epochs = 0  # used when max_train_steps is 0
 max_grad_norm = 1.0  # gradient clipping; 0 turns it off
-adam_weight_decay = 1e-2
+adam_weight_decay = 1e-2  # AdamW weight decay
 mixed_precision = "no"  # no, fp16 (GPU), bf16
-seed = 42
+seed = 42  # data order, crops, flips, noise and timesteps all derive from it
 # --- checkpoints, samples, output ---
-output_dir = "output"
+output_dir = "output"  # final LoRA file, checkpoints, samples, reports
 checkpointing_steps = 500  # save a resumable checkpoint every N optimizer steps; 0: never
 checkpoints_total_limit = 3  # keep only the newest N checkpoints; 0: keep all
 resume_from_checkpoint = ""  # "latest" or a checkpoint folder
 validation_prompts = ("a photo of an astronaut",)  # sampled every validation_steps; empty: no samples
 validation_steps = 500  # optimizer steps between sample sets; 0: only at the end
-validation_inference_steps = 25
-validation_guidance_scale = 7.5
-dataloader_num_workers = 0
+validation_inference_steps = 25  # sampler steps for the validation images
+validation_guidance_scale = 7.5  # classifier-free guidance for the validation images
+dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
 
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import importlib.util  # noqa: E402
