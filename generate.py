@@ -24,15 +24,23 @@ width = 512  # px, a multiple of 8
 mixed_precision = "auto"  # auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16
 output_dir = "samples"  # where the PNGs and the grid go
 
+# Everything above is configuration: collected here, before any import adds names of its own.
+CONFIG_NAMES = [name for name, value in list(globals().items())
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import sys  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
+
+from lora_diffusion import LoRAError, fuse_lora_file  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
-CONFIG_NAMES = [name for name, value in list(globals().items())
-                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 
@@ -75,7 +83,6 @@ def read_prompts(cfg) -> list[str]:
 
 def check_config(cfg) -> list[tuple[Path, float]]:
     """Refuse settings that cannot work; returns the parsed LoRA list."""
-    import torch
 
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
@@ -97,9 +104,8 @@ def check_config(cfg) -> list[tuple[Path, float]]:
     return loras
 
 
-def make_grid(images: list) -> "Image.Image":
+def make_grid(images: list[Image.Image]) -> Image.Image:
     """Images side by side in rows of at most 4 (all the size of the first)."""
-    from PIL import Image
 
     columns = min(4, len(images))
     rows = -(-len(images) // columns)
@@ -122,10 +128,7 @@ def parameters_text(cfg, prompt: str, seed: int, loras: list[tuple[Path, float]]
 
 
 def load_pipeline(cfg, loras: list[tuple[Path, float]]):
-    import diffusers
-    import torch
 
-    from lora_diffusion import fuse_lora_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if device == "cuda" else "no")
@@ -148,8 +151,6 @@ def main(cfg: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(cfg)
     check_model_source(cfg.pretrained_model_name_or_path)
 
-    import torch
-    from PIL.PngImagePlugin import PngInfo
 
     pipeline = load_pipeline(cfg, loras)
     output_dir = Path(cfg.output_dir)
@@ -178,8 +179,6 @@ def main(cfg: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from lora_diffusion import LoRAError
-
     try:
         main(parse_config())
     except (ConfigError, LoRAError) as error:

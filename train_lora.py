@@ -42,6 +42,10 @@ validation_inference_steps = 25  # sampler steps for the validation images
 validation_guidance_scale = 7.5  # classifier-free guidance for the validation images
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
 
+# Everything above is configuration: collected here, before any import adds names of its own.
+CONFIG_NAMES = [name for name, value in list(globals().items())
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -54,10 +58,22 @@ from collections import Counter  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from dataset import CustomDataset, DatasetError  # noqa: E402
+from generate import make_grid  # noqa: E402
+from lora_diffusion import LORA_FILE_NAME, LoRAError, inject_trainable_lora  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
-CONFIG_NAMES = [name for name, value in list(globals().items())
-                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 STATE_TENSORS = "training_state.safetensors"
@@ -79,7 +95,6 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_config(cfg: argparse.Namespace) -> None:
     """Refuse settings that cannot work, before anything is loaded."""
-    import torch
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -113,8 +128,6 @@ def check_config(cfg: argparse.Namespace) -> None:
 
 def load_models(name_or_path: str, weight_dtype):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, frozen in `weight_dtype`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=weight_dtype)
@@ -139,7 +152,6 @@ class EpochSampler:
         self.epoch = epoch
 
     def __iter__(self):
-        import torch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
@@ -149,7 +161,6 @@ class EpochSampler:
 
 def make_collate(tokenizer):
     def collate(items: list[dict]) -> dict:
-        import torch
         input_ids = tokenizer([item["caption"] for item in items], padding="max_length", truncation=True,
                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": input_ids}
@@ -158,7 +169,6 @@ def make_collate(tokenizer):
 
 def step_generator(seed: int, step: int, micro_step: int, process: int, device):
     """Noise and timesteps derive from (seed, step, micro-step, process), so a resume draws the same ones."""
-    import torch
     generator = torch.Generator(device=device)
     generator.manual_seed(hash((seed, step, micro_step, process)) & 0x7FFF_FFFF_FFFF_FFFF)
     return generator
@@ -166,8 +176,6 @@ def step_generator(seed: int, step: int, micro_step: int, process: int, device):
 
 def diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype):
     """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models)."""
-    import torch
-    import torch.nn.functional as F
 
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"].to(vae.device, weight_dtype)).latent_dist.sample(generator)
@@ -207,10 +215,7 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
 
 def save_checkpoint(folder: Path, network, optimizer, lr_scheduler, step: int, metadata: dict) -> None:
     """LoRA file + optimizer/scheduler/RNG state, written to a temporary folder and renamed into place."""
-    import torch
-    from safetensors.torch import save_file
 
-    from lora_diffusion import LORA_FILE_NAME
 
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -231,10 +236,7 @@ def save_checkpoint(folder: Path, network, optimizer, lr_scheduler, step: int, m
 
 def load_checkpoint(folder: Path, network, optimizer, lr_scheduler) -> int:
     """Restore what save_checkpoint wrote; returns the step to continue from."""
-    import torch
-    from safetensors.torch import load_file
 
-    from lora_diffusion import LORA_FILE_NAME
 
     network.load(folder / LORA_FILE_NAME)
     tensors = load_file(str(folder / STATE_TENSORS))
@@ -284,10 +286,7 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 
 def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int) -> list[Path]:
     """One image per validation prompt (seed = seed + prompt index) and a grid, in output_dir/samples/."""
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from generate import make_grid
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
@@ -323,13 +322,7 @@ def main(cfg: argparse.Namespace) -> Path:
     check_model_source(cfg.pretrained_model_name_or_path)
     resume_folder = resolve_resume(cfg)
 
-    import torch
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
-    from dataset import CustomDataset
-    from lora_diffusion import LORA_FILE_NAME, inject_trainable_lora
 
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -447,9 +440,6 @@ def main(cfg: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    from dataset import DatasetError
-    from lora_diffusion import LoRAError
-
     try:
         main(parse_config())
     except (ConfigError, DatasetError, LoRAError) as error:
