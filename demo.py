@@ -8,6 +8,7 @@ Random weights draw noise, not pictures: the demo shows the machinery, not image
 """
 
 import shlex
+import shutil
 from pathlib import Path
 
 import generate
@@ -27,6 +28,7 @@ def main() -> None:
     if not (model_dir / "model_index.json").is_file():
         build_tiny_sd(model_dir)
         print(f"built a tiny random SD 1.x model in {model_dir}")
+    shutil.rmtree(DEMO_DIR / "lora", ignore_errors=True)  # the demo's own run: start it afresh each time
     lora_path = run(train_lora, [
         "--pretrained_model_name_or_path", str(model_dir), "--dataset_path", "examples/dataset",
         "--output_dir", str(DEMO_DIR / "lora"), "--resolution", "128", "--rank", "8", "--alpha", "8",

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from lora_diffusion import LoRAError, fuse_lora_file  # noqa: E402
+from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -101,6 +101,7 @@ def check_config(cfg) -> list[tuple[Path, float]]:
         if not path.is_file():
             hint = "; train one first (python train_lora.py) or pass --lora with no value for the base model"
             raise ConfigError(f"--lora {path}: file not found{hint}")
+        read_lora_file(path)  # a bad file is refused now, not after the model has loaded
     return loras
 
 

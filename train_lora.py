@@ -263,7 +263,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(cfg) -> Path | None:
+    """The checkpoint to continue from, or None for a new run (which must not overwrite an earlier one)."""
     if not cfg.resume_from_checkpoint:
+        earlier = list_checkpoints(Path(cfg.output_dir)) + list(Path(cfg.output_dir).glob(LORA_FILE_NAME))
+        if earlier:
+            raise ConfigError(f"{cfg.output_dir} already holds a run ({earlier[-1].name}); continue it with "
+                              f"--resume_from_checkpoint latest, or start a new run in another --output_dir")
         return None
     if cfg.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(Path(cfg.output_dir))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import generate
-from lora_diffusion import inject_trainable_lora
+from lora_diffusion import LoRAError, inject_trainable_lora
 from settings import ConfigError
 
 
@@ -104,6 +104,9 @@ def test_missing_lora_and_bad_settings_are_refused(tiny_model_dir, tmp_path):
     """A missing LoRA file, an unknown scheduler and a bad size are refused naming the option."""
     with pytest.raises(ConfigError, match="--lora .*missing.safetensors: file not found"):
         generate.main(generate_config(tiny_model_dir, tmp_path, "--lora", str(tmp_path / "missing.safetensors")))
+    (tmp_path / "fake.safetensors").write_text("not a safetensors file")
+    with pytest.raises(LoRAError, match="fake.safetensors is not a readable safetensors file"):
+        generate.check_config(generate_config(tiny_model_dir, tmp_path, "--lora", str(tmp_path / "fake.safetensors")))
     with pytest.raises(ConfigError, match="--scheduler 'k_lms'"):
         generate.main(generate_config(tiny_model_dir, tmp_path, "--lora", "--scheduler", "k_lms"))
     with pytest.raises(ConfigError, match="--height 100"):

@@ -177,3 +177,12 @@ def test_loss_target_is_velocity_for_v_prediction(tiny_model_dir):
         assert torch.equal(seen["t"], torch.randint(0, 1000, (1,), generator=generator))
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, seen["t"])
         torch.testing.assert_close(loss, target.pow(2).mean())
+
+
+def test_new_run_refuses_to_overwrite_an_earlier_run(reference_run, tiny_model_dir):
+    """Starting again in an output_dir that holds checkpoints refuses and points at --resume_from_checkpoint."""
+    final, output = reference_run
+    before = final.read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run .*--resume_from_checkpoint latest"):
+        train_lora.main(config(tiny_model_dir, output))
+    assert final.read_bytes() == before
