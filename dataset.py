@@ -7,6 +7,7 @@ reason, and listed in `skipped`; a folder with nothing usable is an error that l
 """
 
 import csv
+import hashlib
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ class DatasetError(ValueError):
 class Example:
     path: Path
     caption: str
+    sha256: str  # of the file's bytes, for the dataset fingerprint
 
 
 @dataclass
@@ -135,7 +137,29 @@ def read_metadata(root: Path) -> dict[Path, str] | None:
     return None
 
 
-def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resolution: int) -> ScanResult:
+def check_image(path: Path, cache: dict) -> dict:
+    """Decode `path` fully once and describe it: {size, mtime_ns, sha256, width, height, notes, error}.
+
+    `cache` holds earlier descriptions by path; one whose size and modification time still match is reused,
+    so a rerun on an unchanged folder starts without decoding everything again.
+    """
+    stat = path.stat()
+    cached = cache.get(str(path))
+    if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
+        return cached
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+              "width": 0, "height": 0, "notes": [], "error": None}
+    try:
+        image, record["notes"] = load_image(path)
+        record["width"], record["height"] = image.size
+    except ValueError as error:
+        record["error"] = str(error)
+    cache[str(path)] = record
+    return record
+
+
+def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resolution: int,
+                cache: dict | None = None) -> ScanResult:
     """Find, fully decode and caption every image under `root` (sub-folders included)."""
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; set dataset_path to a folder of images")
@@ -150,15 +174,19 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
     if metadata is None:
         check_caption_extension(files, images, caption_extension, root)
 
+    cache = {} if cache is None else cache
     result = ScanResult()
     min_side = max(1, resolution // MIN_SIDE_FRACTION)
     for path in images:
         relative = str(path.relative_to(root))
+        record = check_image(path, cache)
+        notes = list(record["notes"])
         try:
-            image, notes = load_image(path)
-            if min(image.size) < min_side:
-                raise ValueError(f"too small ({image.size[0]}x{image.size[1]}; at least {min_side} px on the short "
-                                 f"side for resolution {resolution})")
+            if record["error"]:
+                raise ValueError(record["error"])
+            if min(record["width"], record["height"]) < min_side:
+                raise ValueError(f"too small ({record['width']}x{record['height']}; at least {min_side} px on the "
+                                 f"short side for resolution {resolution})")
             caption = caption_for(path, metadata, caption_extension)
         except ValueError as error:
             log.warning(f"skipping {relative}: {error}")
@@ -167,10 +195,10 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
         if not caption:
             caption = fallback_caption
             notes.append("no caption: fallback caption used")
-        if max(image.size) > 4 * min(image.size):
+        if max(record["width"], record["height"]) > 4 * min(record["width"], record["height"]):
             notes.append("extreme aspect ratio (over 4:1): the crop keeps a small part")
         result.notes.update(notes)
-        result.examples.append(Example(path, caption))
+        result.examples.append(Example(path, caption, record["sha256"]))
     if not result.examples:
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in result.skipped[:5])
         raise DatasetError(f"none of the {len(images)} images in {root} can be used ({reasons})")
@@ -195,6 +223,24 @@ def caption_for(path: Path, metadata: dict[Path, str] | None, caption_extension:
         return metadata.get(path.resolve(), "")
     caption_path = path.with_suffix(caption_extension)
     return read_caption_file(caption_path) if caption_path.is_file() else ""
+
+
+def read_check_cache(path: str | Path | None) -> dict:
+    """Earlier image checks (see check_image); an unreadable cache is simply rebuilt."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return {}
+
+
+def write_check_cache(path: str | Path, cache: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(cache), encoding="utf-8")
+    temporary.replace(path)
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
@@ -228,14 +274,21 @@ class CustomDataset(Dataset):
 
     def __init__(self, dataset_path: str | Path, resolution: int = 512, center_crop: bool = True,
                  random_flip: bool = False, caption_extension: str = ".txt", fallback_caption: str = "",
-                 seed: int = 0):
+                 seed: int = 0, strict: bool = False, cache_path: str | Path | None = None):
         self.root = Path(dataset_path)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
-        scan = scan_folder(self.root, caption_extension, fallback_caption, resolution)
+        cache = read_check_cache(cache_path)
+        scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
+        if cache_path is not None:
+            write_check_cache(cache_path, cache)
+        if strict and scan.skipped:
+            listing = "\n  ".join(f"{s['file']}: {s['reason']}" for s in scan.skipped)
+            raise DatasetError(f"{len(scan.skipped)} unusable file(s) in {self.root} and strict checking is on; "
+                               f"fix or remove them, or turn strict off to skip them:\n  {listing}")
         self.examples = scan.examples
         self.skipped = scan.skipped
         self.notes = scan.notes
@@ -253,6 +306,11 @@ class CustomDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         image = resize_and_crop(image, self.resolution, self.center_crop, flip, rng)
         return {"pixel_values": to_tensor(image), "caption": example.caption, "index": index}
+
+    def fingerprint(self) -> str:
+        """sha256 over every used file's path, content and caption: changes when the training data changes."""
+        rows = [(str(e.path.relative_to(self.root)), e.sha256, e.caption) for e in self.examples]
+        return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
     def summary(self) -> str:
         lines = [f"dataset {self.root}: {len(self.examples)} usable, {len(self.skipped)} skipped"]

@@ -11,12 +11,13 @@ See FORMATS.md in the shared notes for what each consumer reads.
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -192,8 +193,11 @@ class LoRANetwork:
                   "format_version": FORMAT_VERSION, "ss_network_module": "networks.lora",
                   "ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha)}
         header.update(metadata or {})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(path), metadata=header)
+        tensors = self.state_dict()
+        bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+        if bad:
+            raise LoRAError(f"refusing to write {path}: non-finite values in {_first(bad)}")
+        atomic_write(path, safetensors_bytes(tensors, metadata=header))
         return path
 
     def load(self, path: str | Path) -> dict[str, str]:
@@ -201,6 +205,24 @@ class LoRANetwork:
         tensors, metadata = read_lora_file(path)
         self.load_state_dict(tensors, source=str(path))
         return metadata
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` so that `path` is either the old file or the complete new one, never a partial file:
+    write a temporary file beside it, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
 
 
 def _first(items: list[str], count: int = 5) -> str:

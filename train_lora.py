@@ -41,6 +41,10 @@ validation_steps = 500  # optimizer steps between sample sets; 0: only at the en
 validation_inference_steps = 25  # sampler steps for the validation images
 validation_guidance_scale = 7.5  # classifier-free guidance for the validation images
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
+# --- safety ---
+strict_data = False  # True: any unusable image stops the run instead of being skipped
+resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
+max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run stops
 
 # Everything above is configuration: collected here, before any import adds names of its own.
 CONFIG_NAMES = [name for name, value in list(globals().items())
@@ -49,9 +53,11 @@ CONFIG_NAMES = [name for name, value in list(globals().items())
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -65,19 +71,25 @@ from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from checkpoints import (  # noqa: E402
+    CheckpointError, check_checkpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
+    prune_checkpoints, read_state, save_checkpoint,
+)
 from dataset import CustomDataset, DatasetError  # noqa: E402
 from generate import make_grid  # noqa: E402
 from lora_diffusion import LORA_FILE_NAME, LoRAError, inject_trainable_lora  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# Settings a resume must share with the original run to continue it exactly.
+RUN_DEFINING = ("pretrained_model_name_or_path", "caption_extension", "fallback_caption", "resolution", "center_crop",
+                "random_flip", "rank", "alpha", "lora_dropout", "train_text_encoder", "train_batch_size",
+                "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
+                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-STATE_TENSORS = "training_state.safetensors"
-STATE_JSON = "training_state.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,6 +153,9 @@ def load_models(name_or_path: str, weight_dtype):
 
 # ---------------------------------------------------------------------------------------------------------------
 # One training step's pieces
+
+log = logging.getLogger(__name__)
+
 
 class EpochSampler:
     """Shuffles with a permutation derived from (seed, epoch) alone, so a resumed run replays the same order."""
@@ -213,80 +228,146 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
     }
 
 
-def save_checkpoint(folder: Path, network, optimizer, lr_scheduler, step: int, metadata: dict) -> None:
-    """LoRA file + optimizer/scheduler/RNG state, written to a temporary folder and renamed into place."""
-
-
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    network.save(temporary / LORA_FILE_NAME, metadata)
-    optimizer_state = optimizer.state_dict()
-    tensors = {f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
-               for index, state in optimizer_state["state"].items() for key, value in state.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(temporary / STATE_TENSORS))
-    state = {"step": step, "param_groups": optimizer_state["param_groups"],
-             "lr_scheduler": lr_scheduler.state_dict(),
-             "python_random": repr(random.getstate())}
-    (temporary / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
-
-
-def load_checkpoint(folder: Path, network, optimizer, lr_scheduler) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
-
-
-    network.load(folder / LORA_FILE_NAME)
-    tensors = load_file(str(folder / STATE_TENSORS))
-    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    optimizer_state = {"state": {}, "param_groups": state["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            optimizer_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optimizer_state)
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(state["step"])
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (a `.tmp` folder is an interrupted save and never counts)."""
-    found = []
-    for folder in output_dir.glob("checkpoint-*"):
-        suffix = folder.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and (folder / STATE_JSON).is_file():
-            found.append((int(suffix), folder))
-    return [folder for _, folder in sorted(found)]
+def run_identity(cfg, num_processes: int) -> dict:
+    """The settings a resumed run must share with the original to finish with the same LoRA."""
+    identity = {name: getattr(cfg, name) for name in RUN_DEFINING}
+    identity["num_processes"] = num_processes
+    return identity
 
 
 def resolve_resume(cfg) -> Path | None:
     """The checkpoint to continue from, or None for a new run (which must not overwrite an earlier one)."""
+    output_dir = Path(cfg.output_dir)
     if not cfg.resume_from_checkpoint:
-        earlier = list_checkpoints(Path(cfg.output_dir)) + list(Path(cfg.output_dir).glob(LORA_FILE_NAME))
+        earlier = list_checkpoints(output_dir) + list(output_dir.glob(LORA_FILE_NAME))
         if earlier:
-            raise ConfigError(f"{cfg.output_dir} already holds a run ({earlier[-1].name}); continue it with "
+            raise ConfigError(f"{output_dir} already holds a run ({earlier[-1].name}); continue it with "
                               f"--resume_from_checkpoint latest, or start a new run in another --output_dir")
         return None
     if cfg.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(Path(cfg.output_dir))
-        if not checkpoints:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}; "
+        folder = latest_valid_checkpoint(output_dir)
+        if folder is None:
+            raise ConfigError(f"--resume_from_checkpoint latest: no valid checkpoint in {output_dir}; "
                               f"drop the flag to start a new run, or point --output_dir at the old run")
-        return checkpoints[-1]
+        return folder
     folder = Path(cfg.resume_from_checkpoint)
-    if not (folder / STATE_JSON).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {folder}: not a checkpoint folder (no {STATE_JSON}); "
-                          f"use 'latest' or a checkpoint-<step> folder")
+    problem = check_checkpoint(folder)
+    if problem:
+        raise ConfigError(f"--resume_from_checkpoint {folder}: not a usable checkpoint ({problem}); "
+                          f"use 'latest' or another checkpoint-<step> folder")
     return folder
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    if keep > 0:
-        for folder in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(folder)
+def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str, allow_changes: bool) -> None:
+    """Refuse to resume a checkpoint made with other settings or data, listing the differences."""
+    state = read_state(folder)
+    saved = state.get("run_identity", {})
+    differences = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
+                   for name, value in identity.items() if saved.get(name) != value]
+    if state.get("dataset_fingerprint") != dataset_fingerprint:
+        differences.append("dataset: images or captions differ from the checkpoint's")
+    if not differences:
+        return
+    listing = "\n  ".join(differences)
+    if not allow_changes:
+        raise ConfigError(f"cannot resume {folder} exactly; these differ:\n  {listing}\nUse the original settings "
+                          f"and data, or pass --resume_despite_changes true to continue anyway (no longer exact)")
+    log.warning(f"warning: resuming {folder} despite changes; the run is no longer exact:\n  {listing}")
+
+
+def resume_command(cfg) -> str:
+    """The command line that continues this run: every setting that differs from the constants, plus resume."""
+    defaults = default_config()
+    args = []
+    for name, value in vars(cfg).items():
+        if name == "resume_from_checkpoint" or value == defaults.get(name):
+            continue
+        if isinstance(value, tuple):
+            args += [f"--{name}", *value]
+        else:
+            args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(["python", "train_lora.py", *args, "--resume_from_checkpoint", "latest"])
+
+
+def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, identity: dict,
+                   nonfinite_total: int, started_at: str) -> None:
+    """Write checkpoint-<step> (with what a resume checks against), then drop the oldest beyond the limit."""
+    output_dir = Path(cfg.output_dir)
+    state = {"step": step, "run_identity": identity, "dataset_fingerprint": dataset.fingerprint(),
+             "nonfinite_total": nonfinite_total}
+    save_checkpoint(output_dir / f"checkpoint-{step}", network, lora_metadata(cfg, dataset, step, started_at),
+                    optimizer, lr_scheduler, state)
+    prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Test-write the output folder now rather than failing at the first checkpoint."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output_dir} is not writable ({error.strerror}); "
+                          f"choose a folder you can write to") from None
+
+
+def check_free_disk(output_dir: Path, network, cfg) -> None:
+    """Refuse at minute 0 when the disk cannot hold the checkpoints this run will keep."""
+    lora_bytes = 4 * sum(p.numel() for p in network.parameters())
+    kept = cfg.checkpoints_total_limit or max(1, cfg.max_train_steps // max(cfg.checkpointing_steps, 1))
+    needed = lora_bytes + (3 * lora_bytes + (1 << 20)) * (kept + 1) if cfg.checkpointing_steps else 2 * lora_bytes
+    free = shutil.disk_usage(output_dir).free
+    if free < 2 * needed:
+        raise ConfigError(f"only {free / 2**20:.0f} MiB free in {output_dir}; this run needs about "
+                          f"{needed / 2**20:.0f} MiB for its checkpoints; free space or lower checkpoints_total_limit")
+
+
+def updates_are_finite(loss: torch.Tensor, parameters: list, accelerator: Accelerator) -> bool:
+    """Same answer on every process: the loss is finite and (unless fp16's GradScaler judges them) so are grads."""
+    checks = [torch.isfinite(loss.detach()).all()]
+    if accelerator.scaler is None:
+        checks += [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    ok = torch.stack(checks).all().float().reshape(1).to(accelerator.device)
+    return bool(accelerator.gather(ok).min() > 0)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT handler: remembers the signal so the loop can save at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: saving at the end of this step, then stopping", flush=True)
+
+
+def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
+    """True on every process when any process was asked to stop, so they all save and leave together."""
+    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=accelerator.device)
+    return bool(accelerator.gather(flag).max() > 0)
+
+
+class LossLog:
+    """One JSON line per optimizer step, flushed at once: what each attempt of a run saw, step by step."""
+
+    def __init__(self, path: Path, run: str):
+        self.path, self.run = path, run
+
+    def write(self, step: int, loss: float, lr: float, skipped: bool) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"run": self.run, "step": step, "loss": loss, "lr": lr, "skipped": skipped}) + "\n")
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose or to stay safe; the message holds the resume command."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int) -> list[Path]:
@@ -323,41 +404,44 @@ def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int
 
 def main(cfg: argparse.Namespace) -> Path:
     """Train and return the path of the final LoRA file."""
+    # Preflight: settings, base model files, output folder, every image and caption, before any model loads.
     check_config(cfg)
     check_model_source(cfg.pretrained_model_name_or_path)
-    resume_folder = resolve_resume(cfg)
-
-
-
     output_dir = Path(cfg.output_dir)
+    resume_folder = resolve_resume(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output_dir / "logs"),
     )
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    # Data first: a dataset problem stops the run before the (slow) model load.
+    if accelerator.is_main_process:
+        check_output_dir(output_dir)
     dataset = CustomDataset(cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop,
                             random_flip=cfg.random_flip, caption_extension=cfg.caption_extension,
-                            fallback_caption=cfg.fallback_caption, seed=cfg.seed)
+                            fallback_caption=cfg.fallback_caption, seed=cfg.seed, strict=cfg.strict_data,
+                            cache_path=output_dir / ".image_check_cache.json")
+    identity = run_identity(cfg, accelerator.num_processes)
+    if resume_folder:
+        check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         dataset.write_report(output_dir / "data_report.json")
         (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
         print(dataset.summary())
 
-    # Frozen models in the training precision; LoRA weights stay fp32.
+    # Load: frozen models in the training precision; LoRA weights stay fp32.
+    torch.manual_seed(cfg.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg.pretrained_model_name_or_path, weight_dtype)
     network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                     text_encoder=text_encoder if cfg.train_text_encoder else None)
+    if accelerator.is_main_process:
+        check_free_disk(output_dir, network, cfg)
     text_encoder.train(cfg.train_text_encoder)
     vae.to(accelerator.device)
     if not cfg.train_text_encoder:
         text_encoder.to(accelerator.device)
 
+    # Data, optimizer, schedule.
     sampler = EpochSampler(len(dataset), cfg.seed)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
                                              collate_fn=make_collate(tokenizer),
@@ -367,62 +451,91 @@ def main(cfg: argparse.Namespace) -> Path:
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
     unet = trained[0]
     text_encoder = trained[1] if cfg.train_text_encoder else text_encoder
-
     steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    step = load_checkpoint(resume_folder, network, optimizer, lr_scheduler) if resume_folder else 0
+    step, nonfinite_total = 0, 0
     if resume_folder:
+        state = load_checkpoint(resume_folder, network, optimizer, lr_scheduler)
+        step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         accelerator.print(f"resumed from {resume_folder} at step {step}")
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    accelerator.init_trackers("lora", config={k: str(v) for k, v in vars(cfg).items()})
-    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
-    start_time, start_step, loss_value = time.time(), step, float("nan")
-    unet.train()
 
     # The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
-    while step < max_steps:
-        epoch = step // steps_per_epoch
-        sampler.begin_epoch(epoch)
-        dataset.begin_epoch(epoch)
-        skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        epoch_losses = []
-        for micro_step, batch in enumerate(batches, start=skip):
-            with accelerator.accumulate(*trained):
-                generator = step_generator(cfg.seed, step, micro_step, accelerator.process_index, accelerator.device)
-                loss = diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            epoch_losses.append(accelerator.gather(loss.detach()).mean().item())
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            step += 1
-            loss_value = epoch_losses[-1]
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"train/loss": loss_value, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if accelerator.is_main_process and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                save_checkpoint(output_dir / f"checkpoint-{step}", network, optimizer, lr_scheduler, step,
-                                lora_metadata(cfg, dataset, step, started_at))
-                prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
-            if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
-                    and step % cfg.validation_steps == 0):
-                save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
-            if step >= max_steps:
-                break
-        if epoch_losses:
-            average = sum(epoch_losses) / len(epoch_losses)
-            progress.write(f"epoch {epoch}: average loss {average:.4f} over {len(epoch_losses)} micro-batches")
-            accelerator.log({"train/epoch_loss": average}, step=step)
-    progress.close()
+    accelerator.init_trackers("lora", config={k: str(v) for k, v in vars(cfg).items()})
+    loss_log = LossLog(output_dir / "loss_log.jsonl", started_at) if accelerator.is_main_process else None
+    stop = StopRequest()
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    start_time, start_step, loss_value, nonfinite_in_row = time.time(), step, float("nan"), 0
+    unet.train()
+    try:
+        while step < max_steps:
+            epoch = step // steps_per_epoch
+            sampler.begin_epoch(epoch)
+            dataset.begin_epoch(epoch)
+            skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            epoch_losses = []
+            for micro_step, batch in enumerate(batches, start=skip):
+                with accelerator.accumulate(*trained):
+                    generator = step_generator(cfg.seed, step, micro_step, accelerator.process_index,
+                                               accelerator.device)
+                    loss = diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype)
+                    accelerator.backward(loss)
+                    finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(),
+                                                                                 accelerator)
+                    if finite:
+                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_value = accelerator.gather(loss.detach()).mean().item()
+                epoch_losses.append(loss_value)
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                step += 1
+                nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
+                nonfinite_total += 0 if finite else 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                accelerator.log({"train/loss": loss_value, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
+                if loss_log:
+                    loss_log.write(step, loss_value, lr_scheduler.get_last_lr()[0], skipped=not finite)
+                if not finite:
+                    progress.write(f"step {step}: non-finite loss or gradient, update skipped "
+                                   f"({nonfinite_in_row} in a row, {nonfinite_total} in all)")
+                    if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                        raise TrainingStopped(
+                            f"stopped at step {step}: {nonfinite_in_row} non-finite steps in a row (lower "
+                            f"learning_rate, or check the data). Newest valid checkpoint: "
+                            f"{latest_valid_checkpoint(output_dir)}. Resume with:\n  {resume_command(cfg)}", 3)
+                    continue
+                stop_now = stop_requested(stop, accelerator)
+                if accelerator.is_main_process and (stop_now or (
+                        cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)):
+                    checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity,
+                                   nonfinite_total, started_at)
+                if stop_now:
+                    raise TrainingStopped(f"stopped on request at step {step}, checkpoint saved. Resume with:\n"
+                                          f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
+                if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
+                        and step % cfg.validation_steps == 0):
+                    save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
+                if step >= max_steps:
+                    break
+            if epoch_losses:
+                average = sum(epoch_losses) / len(epoch_losses)
+                progress.write(f"epoch {epoch}: average loss {average:.4f} over {len(epoch_losses)} micro-batches")
+                accelerator.log({"train/epoch_loss": average}, step=step)
+    finally:
+        progress.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     # Save: the final LoRA file, samples from it, and a one-screen summary.
     accelerator.wait_for_everyone()
@@ -434,10 +547,12 @@ def main(cfg: argparse.Namespace) -> Path:
         elapsed = time.time() - start_time
         steps_done = step - start_step
         print(f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
-              f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss_value:.4f}\n"
+              f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss_value:.4f}, "
+              f"{nonfinite_total} non-finite step(s) skipped\n"
               f"  LoRA file:   {final_path}\n"
               f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
               f"  samples:     {output_dir / 'samples'}\n"
+              f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
               f"  data report: {output_dir / 'data_report.json'} ({len(dataset)} usable, "
               f"{len(dataset.skipped)} skipped)")
     accelerator.end_training()
@@ -445,7 +560,11 @@ def main(cfg: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s")
     try:
         main(parse_config())
-    except (ConfigError, DatasetError, LoRAError) as error:
+    except (ConfigError, DatasetError, LoRAError, CheckpointError) as error:
         sys.exit(f"error: {error}")
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)

@@ -77,7 +77,7 @@ def test_offline_hub_id_is_refused_with_download_hint(tmp_path, monkeypatch):
 
 def test_resume_with_nothing_to_resume_is_refused(tiny_model_dir, tmp_path):
     """--resume_from_checkpoint latest with no checkpoint refuses instead of silently starting over."""
-    with pytest.raises(ConfigError, match="no checkpoint in"):
+    with pytest.raises(ConfigError, match="no valid checkpoint in"):
         train_lora.main(config(tiny_model_dir, tmp_path / "out", "--resume_from_checkpoint", "latest"))
 
 

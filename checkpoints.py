@@ -1,0 +1,145 @@
+"""Resumable checkpoints that are never half-written.
+
+A checkpoint is a folder `checkpoint-<step>/` holding the LoRA file, the training state (optimizer moments and
+RNG as safetensors, the rest as JSON) and, written last, `manifest.json` with the sha256 of every other file.
+A folder without a manifest that matches its files is not a checkpoint: a crash at any moment of a save leaves
+either the previous checkpoints or the new complete one. Nothing here is ever unpickled.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from lora_diffusion import LORA_FILE_NAME, LoRANetwork, atomic_write
+
+MANIFEST = "manifest.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str, str], optimizer, lr_scheduler,
+                    state: dict) -> None:
+    """Write `folder` completely, or not at all. `state` is JSON-able (step, config, fingerprints, counters)."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    network.save(temporary / LORA_FILE_NAME, lora_metadata)  # refuses non-finite weights
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
+               for index, param_state in optimizer_state["state"].items() for key, value in param_state.items()}
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {folder}: non-finite optimizer state in {bad[:3]}")
+    tensors["rng.torch"] = torch.get_rng_state()
+    atomic_write(temporary / STATE_TENSORS, safetensors_bytes(tensors))
+    full_state = dict(state, param_groups=optimizer_state["param_groups"], lr_scheduler=lr_scheduler.state_dict())
+    atomic_write(temporary / STATE_JSON, json.dumps(full_state, indent=1).encode("utf-8"))
+    if folder.exists():  # an invalid leftover of an earlier crash at this same step
+        remove_checkpoint(folder)
+    temporary.rename(folder)
+    files = {path.name: sha256_file(path) for path in sorted(folder.iterdir())}
+    manifest = {"format_version": FORMAT_VERSION, "step": state["step"], "files": files,
+                "config_fingerprint": state.get("config_fingerprint"),
+                "dataset_fingerprint": state.get("dataset_fingerprint")}
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+
+
+def check_checkpoint(folder: Path) -> str | None:
+    """None when `folder` is a complete checkpoint, else the reason it is not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (the save was interrupted)"
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != expected:
+            return f"{name} does not match its checksum (truncated or modified)"
+    if {LORA_FILE_NAME, STATE_TENSORS, STATE_JSON} - files.keys():
+        return "manifest lists an incomplete set of files"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-<step>` folders, oldest first, whether or not they are valid."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        suffix = folder.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and folder.is_dir():
+            found.append((int(suffix), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_valid_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; newer broken ones are skipped with a warning naming them."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        problem = check_checkpoint(folder)
+        if problem is None:
+            return folder
+        log.warning(f"warning: skipping {folder}: {problem}")
+    return None
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Manifest first, so a crash halfway through leaves an invalid folder, never a valid-looking partial one."""
+    (folder / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0: all). Runs only after a new checkpoint is complete."""
+    if keep > 0:
+        for folder in list_checkpoints(output_dir)[:-keep]:
+            remove_checkpoint(folder)
+
+
+def read_state(folder: Path) -> dict:
+    """The JSON part of a checkpoint's training state."""
+    return json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler) -> dict:
+    """Restore LoRA weights, optimizer, LR scheduler and torch RNG from `folder`; returns the JSON state."""
+    problem = check_checkpoint(folder)
+    if problem:
+        raise CheckpointError(f"cannot resume from {folder}: {problem}")
+    network.load(folder / LORA_FILE_NAME)
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except SafetensorError as error:
+        raise CheckpointError(f"cannot resume from {folder}: {STATE_TENSORS} is unreadable ({error})") from None
+    state = read_state(folder)
+    optimizer_state = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optimizer_state)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
