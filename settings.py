@@ -4,7 +4,10 @@ Each script's constants at the top are its defaults; a flag of the same name ove
 """
 
 import argparse
+import json
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 
 class ConfigError(ValueError):
@@ -37,11 +40,7 @@ def check_model_source(name_or_path: str) -> None:
     """Stop at once, with the fix, when the base model cannot be found (typo, or offline without a copy)."""
     local = Path(name_or_path).expanduser()
     if local.exists():
-        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-        missing = [part for part in parts if not (local / part).is_dir()]
-        if missing:
-            raise ConfigError(f"{local} is not a diffusers Stable Diffusion folder (missing {', '.join(p + '/' for p in missing)}); "
-                              f"point pretrained_model_name_or_path at the folder holding model_index.json")
+        check_model_folder(local)
         return
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ConfigError(f"pretrained_model_name_or_path {name_or_path!r} is neither an existing folder nor a hub id "
@@ -53,3 +52,41 @@ def check_model_source(name_or_path: str) -> None:
         raise ConfigError(f"cannot fetch base model {name_or_path!r} ({type(error).__name__}: {str(error)[:200]}). "
                           f"Check the id, log in with `hf auth login` if it is gated, or download it once "
                           f"(`hf download {name_or_path}`) and pass the local folder") from None
+
+
+MODEL_PARTS = {  # sub-folder: (config file, weight file patterns)
+    "unet": ("config.json", ("*.safetensors", "*.bin")),
+    "vae": ("config.json", ("*.safetensors", "*.bin")),
+    "text_encoder": ("config.json", ("*.safetensors", "*.bin")),
+    "tokenizer": ("tokenizer_config.json", ("tokenizer.json", "vocab.json")),
+    "scheduler": ("scheduler_config.json", ()),
+}
+
+
+def check_model_folder(folder: Path) -> None:
+    """Every part of a diffusers SD folder present, its config readable and its weights complete."""
+    problems = []
+    for part, (config_name, weight_patterns) in MODEL_PARTS.items():
+        if not (folder / part).is_dir():
+            problems.append(f"{part}/ is missing")
+            continue
+        try:
+            json.loads((folder / part / config_name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"{part}/{config_name} is missing")
+        except (ValueError, UnicodeDecodeError):
+            problems.append(f"{part}/{config_name} is not valid JSON")
+        weights = [p for pattern in weight_patterns for p in (folder / part).glob(pattern)]
+        if weight_patterns and not weights:
+            problems.append(f"{part}/ has no weights ({' or '.join(weight_patterns)})")
+        for path in weights:
+            if path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt"):  # checks the header against the file size
+                        pass
+                except (SafetensorError, OSError) as error:
+                    problems.append(f"{part}/{path.name} is incomplete or corrupt ({error})")
+    if problems:
+        raise ConfigError(f"{folder} is not a complete diffusers Stable Diffusion folder: {'; '.join(problems)}. "
+                          f"Point pretrained_model_name_or_path at the folder holding model_index.json, or download "
+                          f"the model again")

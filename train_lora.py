@@ -55,6 +55,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -239,7 +240,9 @@ def resolve_resume(cfg) -> Path | None:
     """The checkpoint to continue from, or None for a new run (which must not overwrite an earlier one)."""
     output_dir = Path(cfg.output_dir)
     if not cfg.resume_from_checkpoint:
-        earlier = list_checkpoints(output_dir) + list(output_dir.glob(LORA_FILE_NAME))
+        # Valid checkpoints only: a run killed before its first checkpoint completed can simply start again.
+        earlier = [c for c in list_checkpoints(output_dir) if check_checkpoint(c) is None]
+        earlier += list(output_dir.glob(LORA_FILE_NAME))
         if earlier:
             raise ConfigError(f"{output_dir} already holds a run ({earlier[-1].name}); continue it with "
                               f"--resume_from_checkpoint latest, or start a new run in another --output_dir")
@@ -300,6 +303,15 @@ def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, id
     prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
 
 
+def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
+    """CLIP reads 77 tokens: say once how many captions lose their end, rather than silently dropping it."""
+    lengths = [len(ids) for ids in tokenizer([e.caption for e in dataset.examples]).input_ids]
+    long = sum(length > tokenizer.model_max_length for length in lengths)
+    if long:
+        print(f"{long} caption(s) longer than the {tokenizer.model_max_length}-token CLIP limit are truncated "
+              f"(longest: {max(lengths)} tokens)")
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Test-write the output folder now rather than failing at the first checkpoint."""
     try:
@@ -355,7 +367,7 @@ class LossLog:
     """One JSON line per optimizer step, flushed at once: what each attempt of a run saw, step by step."""
 
     def __init__(self, path: Path, run: str):
-        self.path, self.run = path, run
+        self.path, self.run = path, f"{run}/{os.getpid()}"
 
     def write(self, step: int, loss: float, lr: float, skipped: bool) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -436,6 +448,7 @@ def main(cfg: argparse.Namespace) -> Path:
                                     text_encoder=text_encoder if cfg.train_text_encoder else None)
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
+        report_long_captions(dataset, tokenizer)
     text_encoder.train(cfg.train_text_encoder)
     vae.to(accelerator.device)
     if not cfg.train_text_encoder:

@@ -48,3 +48,30 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No file the suite wrote may hold a non-finite tensor: scan every .safetensors under the test temp folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    checked, bad = 0, []
+    for path in Path(factory.getbasetemp()).rglob("*.safetensors"):
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError):
+            continue  # planted unreadable files (a pickle, a truncated checkpoint) are refused elsewhere
+        checked += 1
+        bad += [f"{path}:{k}" for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    session.config.finite_scan = (checked, bad)
+    if bad:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    checked, bad = getattr(config, "finite_scan", (0, []))
+    terminalreporter.write_line(f"non-finite scan: {checked} safetensors files written by the suite, "
+                                f"{len(bad)} with a non-finite tensor {bad[:3] if bad else ''}")

@@ -1,6 +1,5 @@
 """CustomDataset: finding, decoding, captioning and skipping."""
 
-import io
 import json
 import logging
 
@@ -10,50 +9,12 @@ import torch
 from PIL import Image
 
 from dataset import CustomDataset, DatasetError, load_image
-
-RED = (200, 30, 30)
-
-
-def solid(size=(80, 64), color=RED, mode="RGB") -> Image.Image:
-    return Image.new(mode, size, color)
-
-
-def save(image: Image.Image, path, **kwargs) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
+from planted import PIXELS, SKIPPED, USABLE, make_planted_dataset, save, solid
 
 
 @pytest.fixture
 def planted(tmp_path):
-    """A folder with good, odd-but-valid and unusable files side by side."""
-    root = tmp_path / "data"
-    save(solid(), root / "good.jpg", quality=95)
-    (root / "good.txt").write_text("a red square\n", encoding="utf-8")
-    save(solid(), root / "UPPER.JPG", quality=95)
-    save(solid(), root / "sub" / "nested.png")
-    (root / "sub" / "nested.txt").write_text("nested caption", encoding="utf-8")
-    rgba = Image.new("RGBA", (64, 64), (0, 0, 255, 0))  # fully transparent blue: must become white
-    save(rgba, root / "transparent.png")
-    sixteen = Image.fromarray(np.full((64, 64), 65535 // 2, dtype=np.uint16))  # mid grey at 16 bits
-    save(sixteen, root / "grey16.png")
-    # EXIF orientation 6 (rotate 90 CW to display): stored 80x64 must come out 64x80.
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    save(solid((80, 64)), root / "rotated.jpg", exif=exif.tobytes())
-    # Unusable: truncated JPEG, zero bytes, text named .png, tiny image, non-UTF-8 caption.
-    buffer = io.BytesIO()
-    solid((256, 256)).save(buffer, format="JPEG")
-    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "notes.png").write_text("not an image", encoding="utf-8")
-    save(solid((8, 8)), root / "tiny.png")
-    save(solid(), root / "latin1.jpg")
-    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    # Ignored silently.
-    (root / ".DS_Store").write_bytes(b"\0\0")
-    (root / "._good.jpg").write_bytes(b"\0\0")
-    (root / "Thumbs.db").write_bytes(b"\0\0")
-    return root
+    return make_planted_dataset(tmp_path / "data")
 
 
 def test_planted_folder_keeps_usable_and_skips_exactly_the_bad(planted, caplog):
@@ -61,44 +22,72 @@ def test_planted_folder_keeps_usable_and_skips_exactly_the_bad(planted, caplog):
     with caplog.at_level(logging.WARNING):
         data = CustomDataset(planted, resolution=64, fallback_caption="sks photo")
     used = sorted(str(e.path.relative_to(planted)) for e in data.examples)
-    assert used == ["UPPER.JPG", "good.jpg", "grey16.png", "rotated.jpg", "sub/nested.png", "transparent.png"]
+    assert used == sorted(USABLE)
     reasons = {s["file"]: s["reason"] for s in data.skipped}
-    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.png", "tiny.png", "latin1.jpg"}
-    assert "truncated" in reasons["truncated.jpg"]
-    assert "not an image" in reasons["notes.png"] and "not an image" in reasons["empty.jpg"]
-    assert "too small" in reasons["tiny.png"]
-    assert "not UTF-8" in reasons["latin1.jpg"] and "0xe9" in reasons["latin1.jpg"]
+    assert set(reasons) == set(SKIPPED)
+    for name, word in SKIPPED.items():
+        assert word in reasons[name], (name, reasons[name])
+    assert "0xe9" in reasons["latin1.jpg"]
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 5 and all(m.startswith("skipping ") for m in warned)
-    assert not any("DS_Store" in m or "Thumbs" in m or "._good" in m for m in warned)
-    assert "6 usable, 5 skipped" in data.summary()
+    assert len(warned) == len(SKIPPED) and all(m.startswith("skipping ") for m in warned)
+    assert not any("DS_Store" in m or "Thumbs" in m or "._good" in m or ".cache" in m for m in warned)
+    assert f"{len(USABLE)} usable, {len(SKIPPED)} skipped" in data.summary()
 
 
 def test_report_lists_every_skipped_file(planted, tmp_path):
     """data_report.json names each skipped file with its reason and counts the usable ones."""
     data = CustomDataset(planted, resolution=64)
     report = json.loads(data.write_report(tmp_path / "out" / "data_report.json").read_text())
-    assert report["usable"] == 6 and report["skipped_count"] == 5
-    assert {s["file"] for s in report["skipped"]} == {s["file"] for s in data.skipped}
+    assert report["usable"] == len(USABLE) and report["skipped_count"] == len(SKIPPED)
+    assert {s["file"] for s in report["skipped"]} == set(SKIPPED)
 
 
 def test_captions_from_text_files_and_fallback(planted):
-    """Same-stem .txt captions are read (sub-folders too); images without one get the fallback caption."""
+    """Same-stem .txt captions are read (sub-folders, BOM); images without one, or an empty one, get the fallback."""
     data = CustomDataset(planted, resolution=64, fallback_caption="sks photo")
     captions = {e.path.name: e.caption for e in data.examples}
     assert captions["good.jpg"] == "a red square"
     assert captions["nested.png"] == "nested caption"
-    assert captions["UPPER.JPG"] == "sks photo"
+    assert captions["bom.png"] == "caption with a byte order mark"
+    assert captions["UPPER.JPG"] == captions["empty_caption.png"] == "sks photo"
 
 
-def test_odd_images_decode_to_the_right_pixels(planted):
-    """Transparency becomes white, 16-bit grey is scaled (not clipped), EXIF rotation is applied."""
-    transparent, _ = load_image(planted / "transparent.png")
-    assert transparent.getpixel((5, 5)) == (255, 255, 255)
-    grey, notes = load_image(planted / "grey16.png")
-    assert abs(grey.getpixel((5, 5))[0] - 127) <= 1 and "high bit depth" in notes[0]
+@pytest.mark.parametrize("name, xy, rgb, tolerance", PIXELS)
+def test_odd_images_decode_to_the_right_pixels(planted, name, xy, rgb, tolerance):
+    """Transparency becomes white, 16-bit grey is scaled (not clipped), CMYK, palette and 1-bit come out right."""
+    image, _ = load_image(planted / name)
+    assert image.mode == "RGB"
+    assert all(abs(a - b) <= tolerance for a, b in zip(image.getpixel(xy), rgb)), image.getpixel(xy)
+
+
+def test_exif_rotation_is_applied(planted):
+    """An EXIF orientation-6 JPEG stored 80x64 decodes upright as 64x80, noted."""
     rotated, notes = load_image(planted / "rotated.jpg")
     assert rotated.size == (64, 80) and "EXIF rotation applied" in notes
+
+
+def test_strict_turns_skips_into_a_refusal_listing_them(planted):
+    """strict=True refuses the folder, naming every unusable file."""
+    with pytest.raises(DatasetError) as error:
+        CustomDataset(planted, resolution=64, strict=True)
+    assert all(name in str(error.value) for name in SKIPPED)
+
+
+def test_check_cache_skips_decoding_unchanged_files_and_notices_changes(planted, tmp_path, monkeypatch):
+    """With a cache, a rerun decodes nothing that is unchanged, and re-checks a file that changed."""
+    import dataset as dataset_module
+
+    cache = tmp_path / "cache.json"
+    first = CustomDataset(planted, resolution=64, cache_path=cache)
+    decoded = []
+    original = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: decoded.append(path.name) or original(path))
+    CustomDataset(planted, resolution=64, cache_path=cache).examples  # noqa: B018
+    assert decoded == []
+    (planted / "good.jpg").write_bytes(b"")  # now broken
+    second = CustomDataset(planted, resolution=64, cache_path=cache)
+    assert decoded == ["good.jpg"] and "good.jpg" in {s["file"] for s in second.skipped}
+    assert second.fingerprint() != first.fingerprint()
 
 
 def test_items_are_square_tensors_in_range(planted):

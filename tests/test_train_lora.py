@@ -62,7 +62,7 @@ def test_missing_model_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
         train_lora.main(cfg)
     (tmp_path / "half").mkdir()
-    with pytest.raises(ConfigError, match="missing unet/, vae/"):
+    with pytest.raises(ConfigError, match="unet/ is missing; vae/ is missing"):
         train_lora.main(config(tmp_path / "half", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

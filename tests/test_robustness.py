@@ -1,0 +1,284 @@
+"""Runs that never lose work: kills at any moment, crashes inside the save, NaN, bad data, unsafe files."""
+
+import json
+import logging
+import pickle
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoints
+import lora_diffusion
+import train_lora
+from conftest import REPO_ROOT
+from settings import ConfigError
+
+KILL_PLAN = [
+    ["step", 3, ""],  # after step 3's update, between checkpoints
+    ["save", 4, "mid_write"],  # half of the LoRA file written to its temporary name
+    ["save", 6, "before_rename"],  # every file written, folder not yet renamed into place
+    ["step", 7, ""],
+    ["save", 8, "before_manifest"],  # folder in place, manifest not written
+    ["save", 10, "mid_prune"],  # new checkpoint complete, old one half deleted
+    ["save", 12, "before_write"],  # the save has just begun
+    ["timer", 6, ""],  # wherever the process is 0.6 s after it starts
+    ["timer", 9, ""],
+]
+DETERMINISTIC_KILLS = sum(1 for kind, _, _ in KILL_PLAN if kind != "timer")
+
+
+def read_loss_log(path: Path) -> dict[str, dict[int, float]]:
+    """{attempt: {step: loss}} from loss_log.jsonl (a line cut short by a kill is ignored)."""
+    runs: dict[str, dict[int, float]] = defaultdict(dict)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        runs[row["run"]][row["step"]] = row["loss"]
+    return runs
+
+
+def test_sigkill_anywhere_then_resume_is_bitwise_exact(tiny_model_dir, tmp_path):
+    """A run SIGKILLed at every planned point (inside saves too) and resumed each time with
+    --resume_from_checkpoint latest ends with LoRA tensors bitwise equal to an uninterrupted run's,
+    and every attempt logged, for each step it ran, exactly the reference run's loss."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "kill_runner.py"), str(tiny_model_dir), str(tmp_path),
+         json.dumps(KILL_PLAN)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert statuses["reference"] == 0
+    attempts = statuses["attempts"]
+    assert [a["status"] for a in attempts[:DETERMINISTIC_KILLS]] == [-9] * DETERMINISTIC_KILLS, attempts
+    assert attempts[-1]["status"] == 0
+    assert all(a["resumed"] for a in attempts[1:]), "every attempt after the first must resume"
+
+    reference = load_file(str(tmp_path / "reference" / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "pytorch_lora_weights.safetensors"))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+    (reference_losses,) = read_loss_log(tmp_path / "reference" / "loss_log.jsonl").values()
+    attempt_losses = read_loss_log(tmp_path / "killed" / "loss_log.jsonl")
+    assert len(attempt_losses) >= DETERMINISTIC_KILLS
+    for losses in attempt_losses.values():
+        assert losses == {step: reference_losses[step] for step in losses}
+    assert set().union(*attempt_losses.values()) == set(reference_losses) == set(range(1, 21))
+
+
+class Crash(Exception):
+    """Stands in for a kill: nothing after the crash point runs, so the files are left as a kill leaves them."""
+
+
+def crash_at(monkeypatch, where: str, target: str) -> None:
+    """Make the save of `target` stop at `where` (see KILL_PLAN) by raising Crash."""
+    if where in ("before_write", "mid_write"):
+        original = lora_diffusion.atomic_write
+
+        def atomic_write(path, data):
+            if f"{target}.tmp" in str(path):
+                if where == "mid_write":
+                    half = Path(path).with_name(f".{Path(path).name}.tmp")
+                    half.parent.mkdir(parents=True, exist_ok=True)
+                    half.write_bytes(data[: len(data) // 2])
+                raise Crash
+            original(path, data)
+        monkeypatch.setattr(lora_diffusion, "atomic_write", atomic_write)
+    elif where == "before_rename":
+        original_rename = Path.rename
+
+        def rename(self, destination):
+            if Path(destination).name == target:
+                raise Crash
+            return original_rename(self, destination)
+        monkeypatch.setattr(Path, "rename", rename)
+    elif where == "before_manifest":
+        original_manifest = checkpoints.atomic_write
+
+        def manifest_write(path, data):
+            if Path(path).name == checkpoints.MANIFEST and Path(path).parent.name == target:
+                raise Crash
+            original_manifest(path, data)
+        monkeypatch.setattr(checkpoints, "atomic_write", manifest_write)
+
+
+def short_run(tiny_model_dir, output_dir, *extra: str):
+    return train_lora.parse_config([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
+        "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "0", "--validation_prompts", *extra])
+
+
+@pytest.mark.parametrize("where", ["before_write", "mid_write", "before_rename", "before_manifest"])
+def test_crash_inside_save_leaves_previous_checkpoint_as_latest(tiny_model_dir, tmp_path, monkeypatch, where):
+    """A save interrupted at any point leaves no valid-looking partial checkpoint: latest is the previous one."""
+    crash_at(monkeypatch, where, "checkpoint-4")
+    with pytest.raises(Crash):
+        train_lora.main(short_run(tiny_model_dir, tmp_path))
+    assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    monkeypatch.undo()
+    resumed = train_lora.main(short_run(tiny_model_dir, tmp_path, "--resume_from_checkpoint", "latest"))
+    assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-4" and resumed.is_file()
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, tmp_path, caplog):
+    """A truncated file in the newest checkpoint makes it invalid; latest falls back to the one before, named."""
+    train_lora.main(short_run(tiny_model_dir, tmp_path))
+    lora_file = tmp_path / "checkpoint-4" / lora_diffusion.LORA_FILE_NAME
+    lora_file.write_bytes(lora_file.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert "checkpoint-4" in caplog.text and "checksum" in caplog.text
+
+
+def test_resume_with_other_settings_or_data_is_refused_listing_differences(tiny_model_dir, tmp_path):
+    """Resuming with another rank, seed or dataset refuses and lists each difference; the override continues."""
+    train_lora.main(short_run(tiny_model_dir, tmp_path / "run"))
+    changed_data = tmp_path / "data"
+    changed_data.mkdir()
+    for path in (REPO_ROOT / "examples" / "dataset").iterdir():
+        (changed_data / path.name).write_bytes(path.read_bytes())
+    (changed_data / "coffee.txt").write_text("a different caption", encoding="utf-8")
+    cfg = short_run(tiny_model_dir, tmp_path / "run", "--resume_from_checkpoint", "latest", "--rank", "8",
+                    "--seed", "1", "--dataset_path", str(changed_data))
+    with pytest.raises(ConfigError) as error:
+        train_lora.main(cfg)
+    message = str(error.value)
+    assert "rank: checkpoint 4, now 8" in message and "seed: checkpoint 42, now 1" in message
+    assert "dataset: images or captions differ" in message and "--resume_despite_changes true" in message
+    cfg = short_run(tiny_model_dir, tmp_path / "run", "--resume_from_checkpoint", "latest", "--seed", "1",
+                    "--resume_despite_changes", "true", "--max_train_steps", "4")
+    assert train_lora.main(cfg).is_file()
+
+
+def nan_loss_at(monkeypatch, bad_calls) -> None:
+    """Make diffusion_loss return NaN (keeping the graph) on the given 1-based call numbers."""
+    original = train_lora.diffusion_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        value = original(*args, **kwargs)
+        return value * float("nan") if calls["n"] in bad_calls else value
+    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
+
+
+def test_one_nan_step_is_skipped_and_logged(tiny_model_dir, tmp_path, monkeypatch):
+    """A NaN loss at step 3 skips that update only; the run finishes with finite weights and says so."""
+    nan_loss_at(monkeypatch, {3})
+    final = train_lora.main(short_run(tiny_model_dir, tmp_path, "--max_train_steps", "5"))
+    rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["skipped"]] == [3] and len(rows) == 5
+    assert all(torch.isfinite(t).all() for t in load_file(str(final)).values())
+
+
+def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
+    """NaN from step 5 on: the run stops after max_nonfinite_steps, keeps checkpoint-4 valid and finite,
+    writes no final file, and prints the command that resumes."""
+    nan_loss_at(monkeypatch, set(range(5, 100)))
+    cfg = short_run(tiny_model_dir, tmp_path, "--max_train_steps", "20", "--max_nonfinite_steps", "3")
+    with pytest.raises(train_lora.TrainingStopped) as stopped:
+        train_lora.main(cfg)
+    assert stopped.value.exit_code != 0
+    assert "3 non-finite steps in a row" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
+    assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert all(torch.isfinite(t).all()
+               for t in load_file(str(tmp_path / "checkpoint-4" / lora_diffusion.LORA_FILE_NAME)).values())
+    assert not (tmp_path / lora_diffusion.LORA_FILE_NAME).exists()
+
+
+def test_network_refuses_to_write_non_finite_weights(unet, tmp_path):
+    """save() refuses a LoRA holding NaN rather than writing it."""
+    network = lora_diffusion.inject_trainable_lora(unet)
+    with torch.no_grad():
+        network.parameters()[1][0, 0] = float("nan")
+    with pytest.raises(lora_diffusion.LoRAError, match="non-finite"):
+        network.save(tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sigterm_saves_at_step_boundary_and_prints_resume_command(tiny_model_dir, tmp_path, monkeypatch):
+    """A SIGTERM during step 3 saves checkpoint-3 at the end of that step and stops with the resume command;
+    resuming then finishes bitwise equal to an uninterrupted run."""
+    import os
+    import signal
+
+    original = train_lora.diffusion_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
+    cfg = short_run(tiny_model_dir, tmp_path / "stopped", "--max_train_steps", "6")
+    with pytest.raises(train_lora.TrainingStopped) as stopped:
+        train_lora.main(cfg)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert "python train_lora.py" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
+    assert checkpoints.latest_valid_checkpoint(tmp_path / "stopped") == tmp_path / "stopped" / "checkpoint-3"
+    monkeypatch.undo()
+    resumed = train_lora.main(short_run(tiny_model_dir, tmp_path / "stopped", "--max_train_steps", "6",
+                                        "--resume_from_checkpoint", "latest"))
+    reference = train_lora.main(short_run(tiny_model_dir, tmp_path / "reference", "--max_train_steps", "6"))
+    a, b = load_file(str(resumed)), load_file(str(reference))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_pickle_as_checkpoint_state_is_refused_unexecuted(tiny_model_dir, tmp_path):
+    """A checkpoint whose state file was replaced by a pickle is invalid, and loading it never unpickles."""
+    train_lora.main(short_run(tiny_model_dir, tmp_path))
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "checkpoint-4" / checkpoints.STATE_TENSORS).write_bytes(pickle.dumps(Payload()))
+    assert "checksum" in checkpoints.check_checkpoint(tmp_path / "checkpoint-4")
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.load_checkpoint(tmp_path / "checkpoint-4", None, None, None)
+    assert not marker.exists()
+
+
+def test_training_on_planted_defects_completes_and_reports_exactly_the_unusable(tiny_model_dir, tmp_path, capsys):
+    """Training on the planted-defect folder finishes; data_report.json lists exactly the unusable files;
+    the long caption is reported once as truncated."""
+    from planted import SKIPPED, USABLE, make_planted_dataset
+
+    data = make_planted_dataset(tmp_path / "data")
+    cfg = short_run(tiny_model_dir, tmp_path / "out", "--dataset_path", str(data), "--max_train_steps", "2",
+                    "--train_batch_size", "4")
+    assert train_lora.main(cfg).is_file()
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert {s["file"] for s in report["skipped"]} == set(SKIPPED) and report["usable"] == len(USABLE)
+    printed = capsys.readouterr().out
+    assert f"{len(USABLE)} usable, {len(SKIPPED)} skipped" in printed
+    assert "1 caption(s) longer than the 77-token CLIP limit are truncated" in printed
+
+
+def test_strict_data_refuses_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """--strict_data true turns the skips into a refusal that names the files, before any model is loaded."""
+    from dataset import DatasetError
+    from planted import make_planted_dataset
+
+    data = make_planted_dataset(tmp_path / "data")
+    monkeypatch.setattr(train_lora, "load_models", lambda *a: pytest.fail("the model must not load"))
+    with pytest.raises(DatasetError, match="strict checking is on"):
+        train_lora.main(short_run(tiny_model_dir, tmp_path / "out", "--dataset_path", str(data),
+                                  "--strict_data", "true"))
+
+
+def test_unwritable_output_dir_is_refused_at_start(tiny_model_dir, tmp_path):
+    """An output_dir that cannot be created is refused at minute 0, naming the option."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="--output_dir .* is not writable"):
+        train_lora.main(short_run(tiny_model_dir, blocker / "out"))
