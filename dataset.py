@@ -299,13 +299,21 @@ class CustomDataset(Dataset):
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
+    def augmentation(self, index: int) -> tuple[random.Random, bool]:
+        """(rng for the crop, whether to flip) of item `index` in the current epoch."""
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        image, _ = load_image(example.path)
-        flip = self.random_flip and rng.random() < 0.5
-        image = resize_and_crop(image, self.resolution, self.center_crop, flip, rng)
-        return {"pixel_values": to_tensor(image), "caption": example.caption, "index": index}
+        return rng, self.random_flip and rng.random() < 0.5
+
+    def pixels(self, index: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """Image `index` decoded, resized, cropped (centre, or randomly with `rng`) and optionally mirrored."""
+        image, _ = load_image(self.examples[index].path)
+        center = self.center_crop or rng is None
+        return to_tensor(resize_and_crop(image, self.resolution, center, flip, rng or random.Random(0)))
+
+    def __getitem__(self, index: int) -> dict:
+        rng, flip = self.augmentation(index)
+        return {"pixel_values": self.pixels(index, flip, rng), "caption": self.examples[index].caption,
+                "index": index}
 
     def fingerprint(self) -> str:
         """sha256 over every used file's path, content and caption: changes when the training data changes."""

@@ -25,8 +25,9 @@ mixed_precision = "auto"  # auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16
 output_dir = "samples"  # where the PNGs and the grid go
 
 # Everything above is configuration: collected here, before any import adds names of its own.
-CONFIG_NAMES = [name for name, value in list(globals().items())
-                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+DEFAULTS = {name: value for name, value in list(globals().items())
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))}
+CONFIG_NAMES = list(DEFAULTS)
 
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import sys  # noqa: E402
@@ -46,8 +47,7 @@ SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerD
 
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = {name: globals()[name] for name in CONFIG_NAMES}
-    cfg = build_parser(defaults, __doc__.splitlines()[0]).parse_args(argv)
+    cfg = build_parser(DEFAULTS, __doc__.splitlines()[0]).parse_args(argv)
     cfg.lora = tuple(cfg.lora)
     return cfg
 

@@ -41,14 +41,21 @@ validation_steps = 500  # optimizer steps between sample sets; 0: only at the en
 validation_inference_steps = 25  # sampler steps for the validation images
 validation_guidance_scale = 7.5  # classifier-free guidance for the validation images
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
+# --- speed and memory ---
+cache_latents = True  # VAE-encode each image once before training (off by itself with random crops)
+cache_text_embeddings = True  # encode each caption once (off by itself when the text encoder trains)
+cache_latents_to_disk = False  # also keep the latents in output_dir/latent_cache/ for the next run
+gradient_checkpointing = False  # recompute UNet activations in the backward pass: much less memory, slower
+use_8bit_adam = False  # 8-bit AdamW from bitsandbytes (pip install bitsandbytes; CUDA): less optimizer memory
 # --- safety ---
 strict_data = False  # True: any unusable image stops the run instead of being skipped
 resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
 max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run stops
 
 # Everything above is configuration: collected here, before any import adds names of its own.
-CONFIG_NAMES = [name for name, value in list(globals().items())
-                if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))]
+DEFAULTS = {name: value for name, value in list(globals().items())
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))}
+CONFIG_NAMES = list(DEFAULTS)
 
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import importlib.util  # noqa: E402
@@ -75,6 +82,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_distribution  # noqa: E402
 from checkpoints import (  # noqa: E402
     CheckpointError, check_checkpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, read_state, save_checkpoint,
@@ -89,19 +97,17 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 RUN_DEFINING = ("pretrained_model_name_or_path", "caption_extension", "fallback_caption", "resolution", "center_crop",
                 "random_flip", "rank", "alpha", "lora_dropout", "train_text_encoder", "train_batch_size",
                 "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
-                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed")
+                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed", "use_8bit_adam")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: the constants above, overridden by same-named flags
 
-def default_config() -> dict:
-    return {name: globals()[name] for name in CONFIG_NAMES}
 
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    cfg = build_parser(default_config(), __doc__.splitlines()[0]).parse_args(argv)
+    cfg = build_parser(dict(DEFAULTS), __doc__.splitlines()[0]).parse_args(argv)
     cfg.validation_prompts = tuple(cfg.validation_prompts)
     return cfg
 
@@ -176,10 +182,17 @@ class EpochSampler:
 
 
 def make_collate(tokenizer):
+    """Stack what the items carry: cached latent distributions or pixels, cached text embeddings or token ids."""
     def collate(items: list[dict]) -> dict:
-        input_ids = tokenizer([item["caption"] for item in items], padding="max_length", truncation=True,
-                              max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": input_ids}
+        batch = {"index": torch.tensor([item["index"] for item in items])}
+        for key in ("pixel_values", "latent_mean", "latent_std", "text_embedding"):
+            if key in items[0]:
+                batch[key] = torch.stack([item[key] for item in items])
+        if "text_embedding" not in batch:
+            batch["input_ids"] = tokenizer([item["caption"] for item in items], padding="max_length",
+                                           truncation=True, max_length=tokenizer.model_max_length,
+                                           return_tensors="pt").input_ids
+        return batch
     return collate
 
 
@@ -190,14 +203,27 @@ def step_generator(seed: int, step: int, micro_step: int, process: int, device):
     return generator
 
 
-def diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype):
-    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models)."""
+def batch_latents(batch: dict, vae, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """Latents x scaling factor, sampled with this step's generator from the cached or freshly encoded posterior."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        mean, std = latent_distribution(vae, batch["pixel_values"])
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * scaling_factor
 
-    with torch.no_grad():
-        latents = vae.encode(batch["pixel_values"].to(vae.device, weight_dtype)).latent_dist.sample(generator)
-        latents = latents * vae.config.scaling_factor
+
+def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
+    """Caption embeddings (B x 77 x D): cached, or from the text encoder (with gradients when it trains)."""
+    if "text_embedding" in batch:
+        return batch["text_embedding"]
     with torch.set_grad_enabled(text_encoder.training):
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device))[0]
+        return text_encoder(batch["input_ids"])[0]
+
+
+def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, unet, noise_scheduler,
+                   generator: torch.Generator) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device)
@@ -227,6 +253,36 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": name,
     }
+
+
+def make_optimizer(cfg, parameters: list) -> torch.optim.Optimizer:
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("--use_8bit_adam true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs), "
+                          "or set use_8bit_adam false") from None
+    return bitsandbytes.optim.AdamW8bit(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+
+
+def encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator):
+    """(latent cache or None, text-embedding cache or None), saying why a cache is off when the settings rule it out."""
+    latents = embeddings = None
+    say = accelerator.print
+    if cfg.cache_latents and not cfg.center_crop:
+        say("latent cache off: random crops make every step's crop new, so images are encoded at each step")
+    elif cfg.cache_latents:
+        disk_dir = Path(cfg.output_dir) / "latent_cache" if cfg.cache_latents_to_disk else None
+        variants = len(dataset) * (2 if cfg.random_flip else 1)
+        with tqdm(total=variants, desc="caching latents", disable=not accelerator.is_main_process) as progress:
+            latents = encode_latent_cache(dataset, vae, disk_dir, f"{cfg.pretrained_model_name_or_path}|{weight_dtype}",
+                                    progress)
+    if cfg.cache_text_embeddings and cfg.train_text_encoder:
+        say("text-embedding cache off: the text encoder is training, so captions are encoded at each step")
+    elif cfg.cache_text_embeddings:
+        embeddings = encode_text_cache([e.caption for e in dataset.examples], tokenizer, text_encoder)
+    return latents, embeddings
 
 
 def run_identity(cfg, num_processes: int) -> dict:
@@ -280,7 +336,7 @@ def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str,
 
 def resume_command(cfg) -> str:
     """The command line that continues this run: every setting that differs from the constants, plus resume."""
-    defaults = default_config()
+    defaults = dict(DEFAULTS)
     args = []
     for name, value in vars(cfg).items():
         if name == "resume_from_checkpoint" or value == defaults.get(name):
@@ -383,12 +439,18 @@ class TrainingStopped(Exception):
 
 
 def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int) -> list[Path]:
-    """One image per validation prompt (seed = seed + prompt index) and a grid, in output_dir/samples/."""
-
-
+    """One image per validation prompt (seed = seed + prompt index) and a grid, in output_dir/samples/.
+    A VAE or text encoder released after caching (None) is loaded for the occasion and released again."""
+    dtype = accelerator.unwrap_model(unet).dtype if cfg.mixed_precision == "no" else {
+        "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    if vae is None:
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", dtype=dtype)
+    if text_encoder is None:
+        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                     dtype=dtype)
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-        unet=accelerator.unwrap_model(unet),
+        vae=vae.to(accelerator.device), text_encoder=accelerator.unwrap_model(text_encoder).to(accelerator.device),
+        tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
         scheduler=PNDMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -411,8 +473,6 @@ def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int
     make_grid(images).save(folder / f"step{step:06d}-grid.png")
     return paths
 
-
-# ---------------------------------------------------------------------------------------------------------------
 
 def main(cfg: argparse.Namespace) -> Path:
     """Train and return the path of the final LoRA file."""
@@ -451,15 +511,25 @@ def main(cfg: argparse.Namespace) -> Path:
         report_long_captions(dataset, tokenizer)
     text_encoder.train(cfg.train_text_encoder)
     vae.to(accelerator.device)
-    if not cfg.train_text_encoder:
-        text_encoder.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    scaling_factor = vae.config.scaling_factor
+
+    # Cache: encode what is frozen once, then release the VAE and text encoder until sampling needs them.
+    latents, embeddings = encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator)
+    if latents is not None:
+        vae = None
+    if embeddings is not None:
+        text_encoder = None
+    train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Data, optimizer, schedule.
     sampler = EpochSampler(len(dataset), cfg.seed)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
+    dataloader = torch.utils.data.DataLoader(train_data, batch_size=cfg.train_batch_size, sampler=sampler,
                                              collate_fn=make_collate(tokenizer),
                                              num_workers=cfg.dataloader_num_workers)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    optimizer = make_optimizer(cfg, network.parameters())
     trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
     unet = trained[0]
@@ -489,7 +559,7 @@ def main(cfg: argparse.Namespace) -> Path:
         while step < max_steps:
             epoch = step // steps_per_epoch
             sampler.begin_epoch(epoch)
-            dataset.begin_epoch(epoch)
+            train_data.begin_epoch(epoch)
             skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             epoch_losses = []
@@ -497,7 +567,9 @@ def main(cfg: argparse.Namespace) -> Path:
                 with accelerator.accumulate(*trained):
                     generator = step_generator(cfg.seed, step, micro_step, accelerator.process_index,
                                                accelerator.device)
-                    loss = diffusion_loss(batch, unet, vae, text_encoder, noise_scheduler, generator, weight_dtype)
+                    latents = batch_latents(batch, vae, scaling_factor, generator)
+                    states = batch_text_embeddings(batch, text_encoder)
+                    loss = diffusion_loss(latents, states, unet, noise_scheduler, generator)
                     accelerator.backward(loss)
                     finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(),
                                                                                  accelerator)
