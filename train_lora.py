@@ -145,17 +145,18 @@ def check_config(cfg: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-def load_models(name_or_path: str, weight_dtype):
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, frozen in `weight_dtype`."""
-
+def load_encoders(name_or_path: str, weight_dtype):
+    """Tokenizer, text encoder, VAE and the training noise scheduler; the models frozen in `weight_dtype`."""
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=weight_dtype)
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", dtype=weight_dtype)
-    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", dtype=weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), noise_scheduler
+
+
+def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", dtype=weight_dtype)
+    return unet.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,7 +428,8 @@ class LossLog:
 
     def write(self, step: int, loss: float, lr: float, skipped: bool) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"run": self.run, "step": step, "loss": loss, "lr": lr, "skipped": skipped}) + "\n")
+            row = {"run": self.run, "step": step, "loss": loss, "lr": lr, "skipped": skipped, "time": time.time()}
+            f.write(json.dumps(row) + "\n")
 
 
 class TrainingStopped(Exception):
@@ -500,29 +502,33 @@ def main(cfg: argparse.Namespace) -> Path:
         (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
         print(dataset.summary())
 
-    # Load: frozen models in the training precision; LoRA weights stay fp32.
-    torch.manual_seed(cfg.seed)
+    # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
+    # before the UNet loads, so the two phases never hold each other's memory.
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg.pretrained_model_name_or_path, weight_dtype)
-    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
+    tokenizer, text_encoder, vae, noise_scheduler = load_encoders(cfg.pretrained_model_name_or_path, weight_dtype)
     if accelerator.is_main_process:
-        check_free_disk(output_dir, network, cfg)
         report_long_captions(dataset, tokenizer)
-    text_encoder.train(cfg.train_text_encoder)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     scaling_factor = vae.config.scaling_factor
-
-    # Cache: encode what is frozen once, then release the VAE and text encoder until sampling needs them.
     latents, embeddings = encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator)
     if latents is not None:
         vae = None
     if embeddings is not None:
         text_encoder = None
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
+
+    # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
+    unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)
+    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
+    if cfg.train_text_encoder:
+        text_encoder.train()
+    if accelerator.is_main_process:
+        check_free_disk(output_dir, network, cfg)
 
     # Data, optimizer, schedule.
     sampler = EpochSampler(len(dataset), cfg.seed)

@@ -270,7 +270,8 @@ def test_strict_data_refuses_before_the_model_loads(tiny_model_dir, tmp_path, mo
     from planted import make_planted_dataset
 
     data = make_planted_dataset(tmp_path / "data")
-    monkeypatch.setattr(train_lora, "load_models", lambda *a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(train_lora, "load_encoders", lambda *a: pytest.fail("no model may load"))
+    monkeypatch.setattr(train_lora, "load_unet", lambda *a: pytest.fail("no model may load"))
     with pytest.raises(DatasetError, match="strict checking is on"):
         train_lora.main(short_run(tiny_model_dir, tmp_path / "out", "--dataset_path", str(data),
                                   "--strict_data", "true"))
