@@ -30,21 +30,21 @@ def latent_distribution(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def latent_key(dataset: CustomDataset, index: int, flip: bool, model_key: str) -> str:
-    """Disk-cache name: changes whenever the image bytes, resolution, mirroring or VAE (path, dtype) change."""
-    parts = [CACHE_VERSION, dataset.examples[index].sha256, str(dataset.resolution), str(flip), model_key]
+    """Disk-cache name: changes whenever the image bytes, training size, mirroring or VAE (path, dtype) change."""
+    parts = [CACHE_VERSION, dataset.examples[index].sha256, str(dataset.sizes[index]), str(flip), model_key]
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
 
 
 def encode_latent_cache(dataset: CustomDataset, vae, disk_dir: Path | None, model_key: str,
                   progress=None) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
-    """{(index, flip): (mean, std)} for every image and every mirroring it can be drawn with (on CPU).
+    """{(example index, flip): (mean, std)} for every image and every mirroring it can be drawn with (on CPU).
 
     With `disk_dir`, each entry is also read from / written to `disk_dir/<key>.safetensors`; an entry whose image
     or settings changed has another key, so it is never served stale.
     """
     flips = (False, True) if dataset.random_flip else (False,)
     cache = {}
-    for index in range(len(dataset)):
+    for index in range(len(dataset.examples)):
         for flip in flips:
             path = disk_dir / f"{latent_key(dataset, index, flip, model_key)}.safetensors" if disk_dir else None
             entry = read_entry(path) if path else None
@@ -94,11 +94,11 @@ class EncodedDataset(Dataset):
         self.dataset.begin_epoch(epoch)
 
     def __getitem__(self, index: int) -> dict:
-        caption = self.dataset.examples[index].caption
+        caption = self.dataset.caption(index)
         item = {"caption": caption, "index": index}
         if self.latents is not None:
             _, flip = self.dataset.augmentation(index)
-            item["latent_mean"], item["latent_std"] = self.latents[(index, flip)]
+            item["latent_mean"], item["latent_std"] = self.latents[(self.dataset.order[index], flip)]
         else:
             item["pixel_values"] = self.dataset[index]["pixel_values"]
         if self.embeddings is not None:

@@ -40,17 +40,19 @@ def sha256_file(path: Path) -> str:
 
 
 def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str, str], optimizer, lr_scheduler,
-                    state: dict) -> None:
-    """Write `folder` completely, or not at all. `state` is JSON-able (step, config, fingerprints, counters)."""
+                    state: dict, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `folder` completely, or not at all. `state` is JSON-able (step, config, fingerprints, counters);
+    `extra_tensors` (e.g. EMA weights) come back from load_checkpoint as state["extra_tensors"]."""
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     network.save(temporary / LORA_FILE_NAME, lora_metadata)  # refuses non-finite weights
     optimizer_state = optimizer.state_dict()
     tensors = {f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
                for index, param_state in optimizer_state["state"].items() for key, value in param_state.items()}
+    tensors |= {f"extra.{key}": value.detach().cpu().contiguous() for key, value in (extra_tensors or {}).items()}
     bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
-        raise CheckpointError(f"refusing to write {folder}: non-finite optimizer state in {bad[:3]}")
+        raise CheckpointError(f"refusing to write {folder}: non-finite training state in {bad[:3]}")
     tensors["rng.torch"] = torch.get_rng_state()
     atomic_write(temporary / STATE_TENSORS, safetensors_bytes(tensors))
     full_state = dict(state, param_groups=optimizer_state["param_groups"], lr_scheduler=lr_scheduler.state_dict())
@@ -142,4 +144,5 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler)
     optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
+    state["extra_tensors"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return state

@@ -10,7 +10,9 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 MIN_SIDE_FRACTION = 4  # images whose short side is under resolution / 4 would be upscaled past usefulness
+BUCKET_STEP = 64  # bucket sides are multiples of 64 px (8 latent pixels)
+MAX_ASPECT = 4.0
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,8 @@ class Example:
     path: Path
     caption: str
     sha256: str  # of the file's bytes, for the dataset fingerprint
+    size: tuple[int, int] = (0, 0)  # (width, height) as displayed, after EXIF rotation
+    repeats: int = 1  # times per epoch, from a kohya-style `<N>_<name>` folder
 
 
 @dataclass
@@ -198,11 +205,32 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
         if max(record["width"], record["height"]) > 4 * min(record["width"], record["height"]):
             notes.append("extreme aspect ratio (over 4:1): the crop keeps a small part")
         result.notes.update(notes)
-        result.examples.append(Example(path, caption, record["sha256"]))
+        result.examples.append(Example(path, caption, record["sha256"], (record["width"], record["height"]),
+                                       folder_repeats(path.relative_to(root))))
     if not result.examples:
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in result.skipped[:5])
         raise DatasetError(f"none of the {len(images)} images in {root} can be used ({reasons})")
     return result
+
+
+def folder_repeats(relative: Path) -> int:
+    """kohya's convention: images under a folder named `<N>_<name>` are seen N times per epoch."""
+    repeats = 1
+    for part in relative.parts[:-1]:
+        match = REPEATS_FOLDER.match(part)
+        if match:
+            repeats = int(match.group(1))
+    return max(repeats, 1)
+
+
+def bucket_size(width: int, height: int, resolution: int, upscale: bool) -> tuple[int, int]:
+    """The training size that keeps an image's aspect ratio: about resolution² pixels (never more than the image
+    has, unless `upscale`), both sides multiples of 64, aspect ratio limited to 4:1."""
+    ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
+    area = resolution * resolution if upscale else min(resolution * resolution, width * height)
+    bucket_w = max(BUCKET_STEP, int(math.sqrt(area * ratio)) // BUCKET_STEP * BUCKET_STEP)
+    bucket_h = max(BUCKET_STEP, int(math.sqrt(area / ratio)) // BUCKET_STEP * BUCKET_STEP)
+    return bucket_w, bucket_h
 
 
 def check_caption_extension(files: list[Path], images: list[Path], caption_extension: str, root: Path) -> None:
@@ -243,18 +271,19 @@ def write_check_cache(path: str | Path, cache: dict) -> None:
     temporary.replace(path)
 
 
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
+def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool,
                     rng: random.Random) -> Image.Image:
-    """Resize the short side to `resolution`, crop a square (center or random), optionally mirror."""
+    """Resize so the image covers `size` (width, height), crop it (centre or random), optionally mirror."""
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
     image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
     if center_crop:
-        left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+        left, top = (new_size[0] - target_w) // 2, (new_size[1] - target_h) // 2
     else:
-        left, top = rng.randint(0, new_size[0] - resolution), rng.randint(0, new_size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, new_size[0] - target_w), rng.randint(0, new_size[1] - target_h)
+    image = image.crop((left, top, left + target_w, top + target_h))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
 
@@ -265,22 +294,29 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class CustomDataset(Dataset):
-    """Images (and captions) under `dataset_path` as training items {"pixel_values": 3xRxR in [-1, 1], "caption"}.
+    """Images (and captions) under `dataset_path` as training items
+    {"pixel_values": 3 x H x W in [-1, 1], "caption": str, "index": int}; H = W = resolution, or the image's
+    aspect-ratio bucket with `buckets`.
 
-    Random crops and flips derive from (seed, epoch, index), so an epoch replays identically; call
-    `begin_epoch(epoch)` at the start of each epoch. (Not named `set_epoch`: accelerate calls that with its own
-    pass counter, which restarts at 0 on resume.)
+    Item i is example `order[i]` (examples in `<N>_name` folders appear N times). Crops, flips, tag shuffles and
+    caption dropout derive from (seed, epoch, item), so an epoch replays identically; call `begin_epoch(epoch)`
+    at the start of each epoch. (Not named `set_epoch`: accelerate calls that with its own pass counter, which
+    restarts at 0 on resume.)
     """
 
     def __init__(self, dataset_path: str | Path, resolution: int = 512, center_crop: bool = True,
                  random_flip: bool = False, caption_extension: str = ".txt", fallback_caption: str = "",
-                 seed: int = 0, strict: bool = False, cache_path: str | Path | None = None):
+                 seed: int = 0, strict: bool = False, cache_path: str | Path | None = None,
+                 buckets: bool = False, bucket_upscale: bool = False, trigger_phrase: str = "",
+                 shuffle_tags: bool = False, keep_tags: int = 1, caption_dropout: float = 0.0):
         self.root = Path(dataset_path)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
+        self.trigger_phrase = trigger_phrase.strip()
+        self.shuffle_tags, self.keep_tags, self.caption_dropout = shuffle_tags, keep_tags, caption_dropout
         cache = read_check_cache(cache_path)
         scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
         if cache_path is not None:
@@ -292,28 +328,57 @@ class CustomDataset(Dataset):
         self.examples = scan.examples
         self.skipped = scan.skipped
         self.notes = scan.notes
+        self.order = [index for index, example in enumerate(self.examples) for _ in range(example.repeats)]
+        self.sizes = [bucket_size(*e.size, resolution, bucket_upscale) if buckets else (resolution, resolution)
+                      for e in self.examples]
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.order)
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def augmentation(self, index: int) -> tuple[random.Random, bool]:
-        """(rng for the crop, whether to flip) of item `index` in the current epoch."""
-        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+    def augmentation(self, item: int) -> tuple[random.Random, bool]:
+        """(rng for the crop, whether to flip) of `item` in the current epoch."""
+        rng = random.Random(f"{self.seed}-{self.epoch}-{item}")
         return rng, self.random_flip and rng.random() < 0.5
 
-    def pixels(self, index: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
-        """Image `index` decoded, resized, cropped (centre, or randomly with `rng`) and optionally mirrored."""
-        image, _ = load_image(self.examples[index].path)
+    def pixels(self, example: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """Example `example` decoded, resized to cover its training size, cropped (centre, or randomly with
+        `rng`) and optionally mirrored: 3 x H x W in [-1, 1]."""
+        image, _ = load_image(self.examples[example].path)
         center = self.center_crop or rng is None
-        return to_tensor(resize_and_crop(image, self.resolution, center, flip, rng or random.Random(0)))
+        return to_tensor(resize_and_crop(image, self.sizes[example], center, flip, rng or random.Random(0)))
 
-    def __getitem__(self, index: int) -> dict:
-        rng, flip = self.augmentation(index)
-        return {"pixel_values": self.pixels(index, flip, rng), "caption": self.examples[index].caption,
-                "index": index}
+    def caption(self, item: int) -> str:
+        """The caption `item` trains with this epoch: trigger phrase first, tags shuffled (the first `keep_tags`
+        stay put), or the empty caption with probability `caption_dropout`."""
+        rng = random.Random(f"{self.seed}-{self.epoch}-{item}-caption")
+        text = self.examples[self.order[item]].caption
+        if self.shuffle_tags:
+            tags = [tag.strip() for tag in text.split(",") if tag.strip()]
+            kept, rest = tags[:self.keep_tags], tags[self.keep_tags:]
+            rng.shuffle(rest)
+            text = ", ".join(kept + rest)
+        if self.trigger_phrase and not text.startswith(self.trigger_phrase):
+            text = f"{self.trigger_phrase}, {text}" if text else self.trigger_phrase
+        if self.caption_dropout and rng.random() < self.caption_dropout:
+            text = ""
+        return text
+
+    def possible_captions(self) -> set[str] | None:
+        """Every caption an item can train with, or None when tag shuffling makes them too many to list."""
+        if self.shuffle_tags:
+            return None
+        saved, self.caption_dropout = self.caption_dropout, 0.0
+        captions = {self.caption(item) for item in range(len(self))}
+        self.caption_dropout = saved
+        return captions | ({""} if saved else set())
+
+    def __getitem__(self, item: int) -> dict:
+        rng, flip = self.augmentation(item)
+        return {"pixel_values": self.pixels(self.order[item], flip, rng), "caption": self.caption(item),
+                "index": item}
 
     def fingerprint(self) -> str:
         """sha256 over every used file's path, content and caption: changes when the training data changes."""
@@ -322,7 +387,12 @@ class CustomDataset(Dataset):
 
     def summary(self) -> str:
         lines = [f"dataset {self.root}: {len(self.examples)} usable, {len(self.skipped)} skipped"]
+        if len(self.order) != len(self.examples):
+            lines.append(f"  {len(self.order)} items per epoch with folder repeats")
         lines += [f"  {count} image(s): {note}" for note, count in sorted(self.notes.items())]
+        sizes = Counter(self.sizes[index] for index in self.order)
+        if len(sizes) > 1:
+            lines.append("  buckets (items): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(sizes.items())))
         return "\n".join(lines)
 
     def write_report(self, path: str | Path) -> Path:

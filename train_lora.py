@@ -14,11 +14,19 @@ fallback_caption = ""  # caption for images without one, e.g. "a photo of sks do
 resolution = 512  # px, square training crops; a multiple of 8
 center_crop = True  # False: random crops
 random_flip = False  # mirror half of the images (bad for subjects with text or asymmetry)
+aspect_ratio_buckets = False  # keep each image's aspect ratio: batches from buckets of about resolution² px
+bucket_upscale = False  # with buckets: let images smaller than resolution² be upscaled to it
+trigger_phrase = ""  # put first in every caption, e.g. "sks dog"
+shuffle_tags = False  # shuffle the comma-separated tags of each caption at each step
+keep_tags = 1  # tags kept in place at the front when shuffling
+caption_dropout = 0.0  # probability of training a step on the empty caption (keeps guidance working)
 # --- LoRA ---
 rank = 4  # size of the low-rank update
 alpha = 4.0  # update scale is alpha / rank
 lora_dropout = 0.0  # dropout on the LoRA input
+lora_targets = "attention"  # attention: q/k/v/out projections; all: also feed-forward and proj_in/proj_out
 train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
+text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rate
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -29,6 +37,9 @@ max_train_steps = 1000  # optimizer steps; 0: run num_train_epochs instead
 num_train_epochs = 0  # used when max_train_steps is 0
 max_grad_norm = 1.0  # gradient clipping; 0 turns it off
 adam_weight_decay = 1e-2  # AdamW weight decay
+snr_gamma = 0.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556), 5.0 in the paper; 0: off
+noise_offset = 0.0  # extra per-channel noise offset: fuller range of brightness; 0.05-0.1 typical; 0: off
+ema_decay = 0.0  # keep an EMA of the LoRA weights, saved as its own file, e.g. 0.999; 0: off
 mixed_precision = "no"  # no, fp16 (GPU), bf16
 seed = 42  # data order, crops, flips, noise and timesteps all derive from it
 # --- checkpoints, samples, output ---
@@ -89,7 +100,7 @@ from checkpoints import (  # noqa: E402
 )
 from dataset import CustomDataset, DatasetError  # noqa: E402
 from generate import make_grid  # noqa: E402
-from lora_diffusion import LORA_FILE_NAME, LoRAError, inject_trainable_lora  # noqa: E402
+from lora_diffusion import LORA_FILE_NAME, UNET_TARGETS, LoRAError, inject_trainable_lora  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -97,7 +108,12 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 RUN_DEFINING = ("pretrained_model_name_or_path", "caption_extension", "fallback_caption", "resolution", "center_crop",
                 "random_flip", "rank", "alpha", "lora_dropout", "train_text_encoder", "train_batch_size",
                 "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
-                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed", "use_8bit_adam")
+                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed", "use_8bit_adam",
+                "aspect_ratio_buckets", "bucket_upscale", "trigger_phrase", "shuffle_tags", "keep_tags",
+                "caption_dropout", "lora_targets", "text_encoder_lr", "snr_gamma", "noise_offset", "ema_decay")
+EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"
+LORA_TARGETS = {"attention": UNET_TARGETS,
+                "all": UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -138,6 +154,11 @@ def check_config(cfg: argparse.Namespace) -> None:
              cfg.checkpoints_total_limit, cfg.validation_steps) >= 0,
          "step counts, epochs and limits cannot be negative")
     need(0 <= cfg.lora_dropout < 1, f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
+    need(cfg.lora_targets in LORA_TARGETS, f"--lora_targets {cfg.lora_targets!r}: choose one of {', '.join(LORA_TARGETS)}")
+    need(0 <= cfg.caption_dropout < 1, f"--caption_dropout {cfg.caption_dropout}: a probability in [0, 1)")
+    need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
+    need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
+         "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
@@ -165,21 +186,29 @@ def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
 log = logging.getLogger(__name__)
 
 
-class EpochSampler:
-    """Shuffles with a permutation derived from (seed, epoch) alone, so a resumed run replays the same order."""
+class BucketBatchSampler:
+    """Batches of items that share a training size, shuffled with a permutation derived from (seed, epoch)
+    alone, so a resumed run replays the same batches. With one size (square training) it is a plain shuffle."""
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int):
+        self.sizes, self.batch_size, self.seed, self.epoch = sizes, batch_size, seed, 0
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        batches = []
+        for size in sorted(set(self.sizes)):
+            items = [i for i, item_size in enumerate(self.sizes) if item_size == size]
+            shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+        if len(batches) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter(batches)
 
     def __len__(self) -> int:
-        return self.size
+        return sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes).values())
 
 
 def make_collate(tokenizer):
@@ -223,18 +252,59 @@ def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
 
 
 def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, unet, noise_scheduler,
-                   generator: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models)."""
+                   generator: torch.Generator, snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models),
+    optionally Min-SNR weighted per sample. Draws, in order: noise, offset noise (if any), timesteps."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device,
+                             dtype=latents.dtype)
+        noise = noise + noise_offset * offset
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
-    return F.mse_loss(prediction.float(), target.float())
+    if not snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma, v_prediction)).mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for noise targets, min(SNR, gamma) / (SNR + 1)
+    for velocity targets, with SNR(t) = alpha_bar_t / (1 - alpha_bar_t)."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
+
+
+class LoRAEma:
+    """Exponential moving average of the LoRA weights: ema = decay * ema + (1 - decay) * weight after each update."""
+
+    def __init__(self, parameters: list, decay: float):
+        self.parameters, self.decay = parameters, decay
+        self.shadow = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, parameter in zip(self.shadow, self.parameters):
+            shadow.lerp_(parameter.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
+        """Write the averaged weights as a LoRA file (the live weights are put back afterwards)."""
+        live = [p.detach().clone() for p in self.parameters]
+        for parameter, shadow in zip(self.parameters, self.shadow):
+            parameter.copy_(shadow)
+        try:
+            return network.save(path, dict(metadata, ema_decay=str(self.decay)))
+        finally:
+            for parameter, value in zip(self.parameters, live):
+                parameter.copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +318,7 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
         "base_model": cfg.pretrained_model_name_or_path, "resolution": str(cfg.resolution), "step": str(step),
         "ss_output_name": name, "ss_sd_model_name": cfg.pretrained_model_name_or_path,
         "ss_base_model_version": "sd_v1", "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_num_train_images": str(len(dataset)), "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate),
+        "ss_num_train_images": str(len(dataset.examples)), "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate),
         "ss_training_started_at": started_at, "ss_network_dropout": str(cfg.lora_dropout),
         "ss_tag_frequency": json.dumps({Path(cfg.dataset_path).name: dict(tag_frequency.most_common(200))}),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
@@ -256,7 +326,13 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
     }
 
 
-def make_optimizer(cfg, parameters: list) -> torch.optim.Optimizer:
+def make_optimizer(cfg, network) -> torch.optim.Optimizer:
+    """AdamW over the LoRA weights: the UNet's at learning_rate, the text encoder's at text_encoder_lr."""
+    groups = [{"params": [p for name, layer in network.layers.items() if name.startswith(prefix)
+                          for p in (layer.down.weight, layer.up.weight)], "lr": lr}
+              for prefix, lr in (("lora_unet_", cfg.learning_rate),
+                                 ("lora_te_", cfg.text_encoder_lr or cfg.learning_rate))]
+    parameters = [group for group in groups if group["params"]]
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     try:
@@ -275,14 +351,17 @@ def encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtyp
         say("latent cache off: random crops make every step's crop new, so images are encoded at each step")
     elif cfg.cache_latents:
         disk_dir = Path(cfg.output_dir) / "latent_cache" if cfg.cache_latents_to_disk else None
-        variants = len(dataset) * (2 if cfg.random_flip else 1)
+        variants = len(dataset.examples) * (2 if cfg.random_flip else 1)
         with tqdm(total=variants, desc="caching latents", disable=not accelerator.is_main_process) as progress:
             latents = encode_latent_cache(dataset, vae, disk_dir, f"{cfg.pretrained_model_name_or_path}|{weight_dtype}",
                                     progress)
+    captions = dataset.possible_captions()
     if cfg.cache_text_embeddings and cfg.train_text_encoder:
         say("text-embedding cache off: the text encoder is training, so captions are encoded at each step")
+    elif cfg.cache_text_embeddings and captions is None:
+        say("text-embedding cache off: tag shuffling makes new captions at each step")
     elif cfg.cache_text_embeddings:
-        embeddings = encode_text_cache([e.caption for e in dataset.examples], tokenizer, text_encoder)
+        embeddings = encode_text_cache(sorted(captions), tokenizer, text_encoder)
     return latents, embeddings
 
 
@@ -350,13 +429,14 @@ def resume_command(cfg) -> str:
 
 
 def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, identity: dict,
-                   nonfinite_total: int, started_at: str) -> None:
+                   nonfinite_total: int, started_at: str, ema: LoRAEma | None) -> None:
     """Write checkpoint-<step> (with what a resume checks against), then drop the oldest beyond the limit."""
     output_dir = Path(cfg.output_dir)
     state = {"step": step, "run_identity": identity, "dataset_fingerprint": dataset.fingerprint(),
              "nonfinite_total": nonfinite_total}
+    extra = {f"ema.{i}": shadow for i, shadow in enumerate(ema.shadow)} if ema else None
     save_checkpoint(output_dir / f"checkpoint-{step}", network, lora_metadata(cfg, dataset, step, started_at),
-                    optimizer, lr_scheduler, state)
+                    optimizer, lr_scheduler, state, extra)
     prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
 
 
@@ -493,7 +573,10 @@ def main(cfg: argparse.Namespace) -> Path:
     dataset = CustomDataset(cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop,
                             random_flip=cfg.random_flip, caption_extension=cfg.caption_extension,
                             fallback_caption=cfg.fallback_caption, seed=cfg.seed, strict=cfg.strict_data,
-                            cache_path=output_dir / ".image_check_cache.json")
+                            cache_path=output_dir / ".image_check_cache.json", buckets=cfg.aspect_ratio_buckets,
+                            bucket_upscale=cfg.bucket_upscale, trigger_phrase=cfg.trigger_phrase,
+                            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
+                            caption_dropout=cfg.caption_dropout)
     identity = run_identity(cfg, accelerator.num_processes)
     if resume_folder:
         check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
@@ -524,6 +607,7 @@ def main(cfg: argparse.Namespace) -> Path:
         unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
     network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                    targets=LORA_TARGETS[cfg.lora_targets],
                                     text_encoder=text_encoder if cfg.train_text_encoder else None)
     if cfg.train_text_encoder:
         text_encoder.train()
@@ -531,11 +615,12 @@ def main(cfg: argparse.Namespace) -> Path:
         check_free_disk(output_dir, network, cfg)
 
     # Data, optimizer, schedule.
-    sampler = EpochSampler(len(dataset), cfg.seed)
-    dataloader = torch.utils.data.DataLoader(train_data, batch_size=cfg.train_batch_size, sampler=sampler,
+    sampler = BucketBatchSampler([dataset.sizes[example] for example in dataset.order], cfg.train_batch_size,
+                                 cfg.seed)
+    dataloader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
                                              collate_fn=make_collate(tokenizer),
                                              num_workers=cfg.dataloader_num_workers)
-    optimizer = make_optimizer(cfg, network.parameters())
+    optimizer = make_optimizer(cfg, network)
     trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
     unet = trained[0]
@@ -546,9 +631,15 @@ def main(cfg: argparse.Namespace) -> Path:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
     step, nonfinite_total = 0, 0
+    ema = LoRAEma(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
     if resume_folder:
         state = load_checkpoint(resume_folder, network, optimizer, lr_scheduler)
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        saved_ema = state["extra_tensors"]
+        if ema and "ema.0" in saved_ema:
+            ema.shadow = [saved_ema[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.parameters)]
+        elif ema:
+            log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
         accelerator.print(f"resumed from {resume_folder} at step {step}")
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -575,7 +666,8 @@ def main(cfg: argparse.Namespace) -> Path:
                                                accelerator.device)
                     latents = batch_latents(batch, vae, scaling_factor, generator)
                     states = batch_text_embeddings(batch, text_encoder)
-                    loss = diffusion_loss(latents, states, unet, noise_scheduler, generator)
+                    loss = diffusion_loss(latents, states, unet, noise_scheduler, generator, cfg.snr_gamma,
+                                          cfg.noise_offset)
                     accelerator.backward(loss)
                     finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(),
                                                                                  accelerator)
@@ -589,6 +681,8 @@ def main(cfg: argparse.Namespace) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 lr_scheduler.step()
+                if ema and finite:
+                    ema.update()
                 step += 1
                 nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
                 nonfinite_total += 0 if finite else 1
@@ -610,7 +704,7 @@ def main(cfg: argparse.Namespace) -> Path:
                 if accelerator.is_main_process and (stop_now or (
                         cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)):
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity,
-                                   nonfinite_total, started_at)
+                                   nonfinite_total, started_at, ema)
                 if stop_now:
                     raise TrainingStopped(f"stopped on request at step {step}, checkpoint saved. Resume with:\n"
                                           f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
@@ -633,6 +727,8 @@ def main(cfg: argparse.Namespace) -> Path:
     final_path = output_dir / LORA_FILE_NAME
     if accelerator.is_main_process:
         network.save(final_path, lora_metadata(cfg, dataset, step, started_at))
+        if ema:
+            ema.save(network, output_dir / EMA_FILE_NAME, lora_metadata(cfg, dataset, step, started_at))
         if cfg.validation_prompts:
             save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
         elapsed = time.time() - start_time
@@ -644,7 +740,7 @@ def main(cfg: argparse.Namespace) -> Path:
               f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
               f"  samples:     {output_dir / 'samples'}\n"
               f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
-              f"  data report: {output_dir / 'data_report.json'} ({len(dataset)} usable, "
+              f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} usable, "
               f"{len(dataset.skipped)} skipped)")
     accelerator.end_training()
     return final_path
