@@ -1,0 +1,239 @@
+"""Speed and memory of a training step and of generation, on the full SD 1.4 architecture with random weights.
+
+    python benchmarks/bench_train.py                      # 256 and 512 px, fp32 and bf16 (CPU) / fp16 (GPU)
+    python benchmarks/bench_train.py --resolutions 512 --precisions bf16 --steps 3
+
+Step time and memory do not depend on weight values, so the published SD 1.4 shapes (UNet 859.5 M, VAE 83.7 M,
+CLIP ViT-L/14 text encoder 123 M) with random weights give the real cost. For each resolution and precision,
+three variants run in separate processes (so each peak memory is its own), batch 1:
+  ours   train_lora.py as shipped (latents and text embeddings cached)
+  naive  train_lora.py encoding every image with the VAE and every caption with the text encoder at every step
+         (what the diffusers example trainer does)
+  floor  the UNet with LoRA: forward, backward and AdamW step on inputs already encoded; nothing else
+then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
+Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from tiny_model import SD_SCHEDULE, build_tokenizer  # noqa: E402
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_sd14(folder: Path) -> Path:
+    """SD 1.4's published architecture (SD14_ARCH.md) with random weights, saved in diffusers layout."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215, sample_size=512)
+    tokenizer = build_tokenizer()  # byte-level CLIP alphabet: token ids, not vocabulary size, reach the model
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    counts = {name: sum(p.numel() for p in model.parameters()) / 1e6
+              for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    print("parameters (M): " + ", ".join(f"{k} {v:.1f}" for k, v in counts.items()), flush=True)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: str, steps: int) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(ROOT / "examples" / "dataset"),
+            "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--validation_prompts",
+            "--mixed_precision", "no" if precision == "fp32" else precision]
+
+
+def measure_script(model_dir: Path, resolution: int, precision: str, steps: int, naive: bool) -> dict:
+    """train_lora.main as users run it; step times from its loss log (wall time between logged steps)."""
+    import train_lora
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = train_args(model_dir, Path(output_dir), resolution, precision, steps + 1)
+        if naive:
+            args += ["--cache_latents", "false", "--cache_text_embeddings", "false"]
+        train_lora.main(train_lora.parse_config(args))
+        rows = [json.loads(line) for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines()]
+    times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
+    return {"step_seconds": times, "peak_mb": peak_memory_mb()}
+
+
+def measure_floor(model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
+    """The least any LoRA trainer must do per step: UNet+LoRA forward and backward, AdamW step."""
+    from lora_diffusion import inject_trainable_lora
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = PRECISION_DTYPES[precision]
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype).to(device)
+    unet.requires_grad_(False)
+    network = inject_trainable_lora(unet, rank=4, alpha=4.0)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
+    states = torch.randn(1, 77, 768, device=device, dtype=dtype)
+    noise = torch.randn_like(latents)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
+            prediction = unet(latents + noise, torch.tensor([500], device=device), states).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": times[1:], "peak_mb": peak_memory_mb()}
+
+
+def measure_generation(model_dir: Path, resolution: int, precision: str, steps: int, repeats: int) -> dict:
+    """generate.py's pipeline, base alone and with one rank-4 LoRA fused: seconds per image."""
+    import generate
+    from lora_diffusion import inject_trainable_lora
+
+    with tempfile.TemporaryDirectory() as folder:
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        network = inject_trainable_lora(unet, rank=4, alpha=4.0)
+        for layer in network.layers.values():
+            torch.nn.init.normal_(layer.up.weight, std=0.01)
+        lora_path = network.save(Path(folder) / "lora.safetensors")
+        del unet, network
+        cfg = generate.parse_config(["--pretrained_model_name_or_path", str(model_dir), "--height", str(resolution),
+                                     "--width", str(resolution), "--num_inference_steps", str(steps),
+                                     "--mixed_precision", "no" if precision == "fp32" else precision])
+        results = {}
+        for name, loras in (("base", []), ("fused", [(lora_path, 0.8)])):
+            pipeline = generate.load_pipeline(cfg, loras)
+            pipeline.set_progress_bar_config(disable=True)
+            times = []
+            for index in range(repeats + 1):
+                start = time.perf_counter()
+                pipeline("a photo", num_inference_steps=steps, height=resolution, width=resolution,
+                         generator=torch.Generator("cpu").manual_seed(index))
+                times.append(time.perf_counter() - start)
+            results[name] = times[1:]
+            del pipeline
+    return results
+
+
+def run_one(args) -> None:
+    """Child process: one measurement, printed as the last line of JSON."""
+    model_dir = Path(args.model_dir)
+    if args.variant == "floor":
+        result = measure_floor(model_dir, args.resolution, args.precision, args.steps)
+    elif args.variant == "generation":
+        result = measure_generation(model_dir, args.resolution, args.precision, args.generation_steps, args.steps)
+    else:
+        result = measure_script(model_dir, args.resolution, args.precision, args.steps, args.variant == "naive")
+    print(json.dumps(result))
+
+
+def child(args, variant: str, resolution: int, precision: str) -> dict:
+    command = [sys.executable, __file__, "--one", variant, "--model_dir", args.model_dir, "--steps", str(args.steps),
+               "--resolution_one", str(resolution), "--precision_one", precision,
+               "--generation_steps", str(args.generation_steps)]
+    print(f"  {variant:10s} {resolution} px {precision} ...", end=" ", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: (round(statistics.median(v), 3) if isinstance(v, list) else round(v)) for k, v in measured.items()}),
+          flush=True)
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--model_dir", default=str(ROOT / "benchmarks" / ".sd14-random"))
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"] if device == "cpu" else ["fp32", "fp16"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, after one warm-up step")
+    parser.add_argument("--generation_steps", type=int, default=4, help="sampler steps per generated image")
+    parser.add_argument("--generation_resolution", type=int, default=512)
+    parser.add_argument("--one", choices=["ours", "naive", "floor", "generation"], help=argparse.SUPPRESS)
+    parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--precision_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        args.variant, args.resolution, args.precision = args.one, args.resolution_one, args.precision_one
+        return run_one(args)
+
+    build_sd14(Path(args.model_dir))
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    results = {"device": device, "machine": machine, "torch": torch.__version__, "steps": args.steps, "runs": []}
+    for resolution in args.resolutions:
+        for precision in args.precisions:
+            run = {"resolution": resolution, "precision": precision}
+            for variant in ("ours", "naive", "floor"):
+                run[variant] = child(args, variant, resolution, precision)
+            results["runs"].append(run)
+    generation_precision = args.precisions[-1]
+    results["generation"] = {"resolution": args.generation_resolution, "precision": generation_precision,
+                             "steps": args.generation_steps,
+                             **child(args, "generation", args.generation_resolution, generation_precision)}
+    out = ROOT / "benchmarks" / f"results-{device}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}\n\n{markdown(results)}")
+
+
+def markdown(results: dict) -> str:
+    """The BENCHMARKS.md table: medians in seconds per optimizer step, peaks in MiB, and the ratios."""
+    memory = "peak RSS" if results["device"] == "cpu" else "peak allocated"
+    lines = [f"| px | precision | ours s/step | naive s/step | floor s/step | ours / floor | naive / ours | "
+             f"ours {memory} MiB | naive MiB | floor MiB | memory ours / naive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        ours, naive, floor = (statistics.median(run[v]["step_seconds"]) for v in ("ours", "naive", "floor"))
+        lines.append(f"| {run['resolution']} | {run['precision']} | {ours:.2f} | {naive:.2f} | {floor:.2f} | "
+                     f"{ours / floor:.3f} | {naive / ours:.2f} | {run['ours']['peak_mb']:.0f} | "
+                     f"{run['naive']['peak_mb']:.0f} | {run['floor']['peak_mb']:.0f} | "
+                     f"{run['ours']['peak_mb'] / run['naive']['peak_mb']:.2f} |")
+    gen = results["generation"]
+    base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])
+    lines.append(f"\nGeneration ({gen['resolution']} px, {gen['precision']}, {gen['steps']} steps): base "
+                 f"{base:.2f} s/image, one fused LoRA {fused:.2f} s/image, fused / base {fused / base:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
