@@ -403,3 +403,86 @@ class CustomDataset(Dataset):
                   "skipped": self.skipped, "notes": dict(self.notes)}
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
         return path
+
+
+def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".txt",
+                  tokenizer=None) -> str:
+    """What a user should know about a dataset folder before spending GPU hours on it, as readable text."""
+    previous_level = log.level
+    log.setLevel(logging.ERROR)  # the skips are listed below, once
+    try:
+        data = CustomDataset(root, resolution=resolution, caption_extension=caption_extension, buckets=True)
+    finally:
+        log.setLevel(previous_level)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    lines = [f"dataset {root}", f"  images: {len(data.examples)} usable, {len(data.skipped)} skipped, "
+             f"{sum(1 for p in files if is_ignored(p.relative_to(root)))} hidden/system files ignored"]
+    lines += [f"    skipped {s['file']}: {s['reason']}" for s in data.skipped]
+
+    metadata = read_metadata(root)
+    caption_files = Counter(p.suffix for p in files if p.suffix.lower() in CAPTION_EXTENSIONS)
+    uncaptioned = [e for e in data.examples if not caption_for(e.path, metadata, caption_extension)]
+    source = "metadata file" if metadata is not None else f"'{caption_extension}' files"
+    lines.append(f"  captions: from {source}; {len(data.examples) - len(uncaptioned)} captioned, "
+                 f"{len(uncaptioned)} without (they get fallback_caption)")
+    if caption_files:
+        lines.append("    caption files present: " + ", ".join(f"{n} {ext}" for ext, n in caption_files.most_common()))
+    lines += [f"    no caption: {e.path.relative_to(root)}" for e in uncaptioned[:10]]
+
+    by_hash: dict[str, list[str]] = {}
+    for e in data.examples:
+        by_hash.setdefault(e.sha256, []).append(str(e.path.relative_to(root)))
+    duplicates = [names for names in by_hash.values() if len(names) > 1]
+    lines.append(f"  duplicates: {len(duplicates)} group(s) of identical files")
+    lines += [f"    {' = '.join(names)}" for names in duplicates[:10]]
+
+    small = [e for e in data.examples if min(e.size) < resolution]
+    huge = [e for e in data.examples if min(e.size) > 4 * resolution]
+    lines.append(f"  sizes: {len(small)} smaller than {resolution} px on the short side (upscaled in square "
+                 f"training), {len(huge)} over {4 * resolution} px (slow to decode; consider downsizing)")
+    lines += [f"    {count} image(s): {note}" for note, count in sorted(data.notes.items())]
+    buckets = Counter(data.sizes[e] for e in data.order)
+    lines.append("  aspect-ratio buckets at this resolution: "
+                 + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])))
+    captions = [e.caption for e in data.examples if e.caption]
+    if tokenizer is not None and captions:
+        lengths = sorted(len(ids) for ids in tokenizer(captions, verbose=False).input_ids)
+        too_long = sum(n > tokenizer.model_max_length for n in lengths)
+        lines.append(f"  caption tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+                     f"{too_long} over the {tokenizer.model_max_length}-token limit (truncated in training)")
+    elif captions:
+        words = sorted(len(c.split()) for c in captions)
+        lines.append(f"  caption words: min {words[0]}, max {words[-1]} (pass --tokenizer MODEL for CLIP token "
+                     f"counts; the limit is 77 tokens, roughly 50-60 words)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Check a dataset folder before training: python dataset.py "
+                                                 "--check PATH")
+    parser.add_argument("--check", required=True, metavar="PATH", help="the dataset folder")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--caption_extension", default=".txt")
+    parser.add_argument("--tokenizer", default="", metavar="MODEL",
+                        help="a diffusers model folder or hub id whose tokenizer counts caption tokens")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import CLIPTokenizer
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, subfolder="tokenizer")
+        except OSError as error:
+            sys.exit(f"error: --tokenizer {args.tokenizer}: cannot load its tokenizer/ ({str(error)[:150]}); "
+                     f"pass a diffusers model folder")
+    try:
+        print(doctor_report(Path(args.check), args.resolution, args.caption_extension, tokenizer))
+    except DatasetError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -442,7 +442,7 @@ def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, id
 
 def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
     """CLIP reads 77 tokens: say once how many captions lose their end, rather than silently dropping it."""
-    lengths = [len(ids) for ids in tokenizer([e.caption for e in dataset.examples]).input_ids]
+    lengths = [len(ids) for ids in tokenizer([e.caption for e in dataset.examples], verbose=False).input_ids]
     long = sum(length > tokenizer.model_max_length for length in lengths)
     if long:
         print(f"{long} caption(s) longer than the {tokenizer.model_max_length}-token CLIP limit are truncated "

@@ -169,3 +169,33 @@ def test_captions_with_another_extension_are_refused(tmp_path):
     with pytest.raises(DatasetError, match=r"ending in '\.caption'.*set caption_extension to '\.caption'"):
         CustomDataset(root, resolution=32)
     assert CustomDataset(root, resolution=32, caption_extension=".caption").examples[0].caption == "hello"
+
+
+def test_doctor_reports_counts_duplicates_captions_buckets_and_tokens(planted, tiny_model_dir):
+    """The dataset doctor names the skipped files, the duplicate group, the caption files present, the buckets
+    and the token lengths (with the over-limit caption counted)."""
+    from transformers import CLIPTokenizer
+
+    from dataset import doctor_report
+
+    (planted / "sub" / "copy.jpg").write_bytes((planted / "good.jpg").read_bytes())
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    report = doctor_report(planted, resolution=64, tokenizer=tokenizer)
+    assert f"images: {len(USABLE) + 1} usable, {len(SKIPPED)} skipped, 4 hidden/system files ignored" in report
+    assert all(f"skipped {name}:" in report for name in SKIPPED)
+    assert "good.jpg = sub/copy.jpg" in report
+    assert "caption files present: 6 .txt" in report
+    assert "aspect-ratio buckets at this resolution: 64x64:" in report
+    assert "1 over the 77-token limit" in report
+
+
+def test_doctor_command_line_refuses_a_missing_folder(tmp_path):
+    """`python dataset.py --check MISSING` prints one error line naming the folder, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "dataset.py", "--check", str(tmp_path / "missing")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "error: dataset folder" in result.stderr and "Traceback" not in result.stderr
