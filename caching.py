@@ -35,27 +35,29 @@ def latent_key(dataset: CustomDataset, index: int, flip: bool, model_key: str) -
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
 
 
-def encode_latent_cache(dataset: CustomDataset, vae, disk_dir: Path | None, model_key: str,
-                  progress=None) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
+def encode_latent_cache(dataset: CustomDataset, vae, disk_dir: Path | None, model_key: str, progress=None,
+                        shard: tuple[int, int] = (0, 1)) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
     """{(example index, flip): (mean, std)} for every image and every mirroring it can be drawn with (on CPU).
 
     With `disk_dir`, each entry is also read from / written to `disk_dir/<key>.safetensors`; an entry whose image
-    or settings changed has another key, so it is never served stale.
+    or settings changed has another key, so it is never served stale. `shard` = (rank, count) encodes only every
+    count-th entry, for processes that split the work and gather the parts.
     """
     flips = (False, True) if dataset.random_flip else (False,)
+    variants = [(index, flip) for index in range(len(dataset.examples)) for flip in flips]
+    rank, count = shard
     cache = {}
-    for index in range(len(dataset.examples)):
-        for flip in flips:
-            path = disk_dir / f"{latent_key(dataset, index, flip, model_key)}.safetensors" if disk_dir else None
-            entry = read_entry(path) if path else None
-            if entry is None:
-                mean, std = latent_distribution(vae, dataset.pixels(index, flip)[None])
-                entry = (mean[0].cpu(), std[0].cpu())
-                if path:
-                    atomic_write(path, safetensors_bytes({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}))
-            cache[(index, flip)] = entry
-            if progress is not None:
-                progress.update(1)
+    for index, flip in variants[rank::count]:
+        path = disk_dir / f"{latent_key(dataset, index, flip, model_key)}.safetensors" if disk_dir else None
+        entry = read_entry(path) if path else None
+        if entry is None:
+            mean, std = latent_distribution(vae, dataset.pixels(index, flip)[None])
+            entry = (mean[0].cpu(), std[0].cpu())
+            if path:
+                atomic_write(path, safetensors_bytes({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}))
+        cache[(index, flip)] = entry
+        if progress is not None:
+            progress.update(1)
     return cache
 
 
@@ -70,10 +72,12 @@ def read_entry(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def encode_text_cache(captions: list[str], tokenizer, text_encoder) -> dict[str, torch.Tensor]:
-    """{caption: last hidden state (77 x D), on CPU} for every distinct caption."""
+def encode_text_cache(captions: list[str], tokenizer, text_encoder,
+                      shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
+    """{caption: last hidden state (77 x D), on CPU} for every distinct caption (every count-th with `shard`)."""
+    rank, count = shard
     cache = {}
-    for caption in sorted(set(captions)):
+    for caption in sorted(set(captions))[rank::count]:
         input_ids = tokenizer([caption], padding="max_length", truncation=True,
                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         cache[caption] = text_encoder(input_ids.to(text_encoder.device))[0][0].cpu()

@@ -318,8 +318,9 @@ class CustomDataset(Dataset):
         self.trigger_phrase = trigger_phrase.strip()
         self.shuffle_tags, self.keep_tags, self.caption_dropout = shuffle_tags, keep_tags, caption_dropout
         cache = read_check_cache(cache_path)
+        cached = dict(cache)
         scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
-        if cache_path is not None:
+        if cache_path is not None and cache != cached:  # unchanged: leave the file alone (other processes read it)
             write_check_cache(cache_path, cache)
         if strict and scan.skipped:
             listing = "\n  ".join(f"{s['file']}: {s['reason']}" for s in scan.skipped)

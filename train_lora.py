@@ -86,6 +86,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
@@ -187,25 +188,30 @@ log = logging.getLogger(__name__)
 
 
 class BucketBatchSampler:
-    """Batches of items that share a training size, shuffled with a permutation derived from (seed, epoch)
-    alone, so a resumed run replays the same batches. With one size (square training) it is a plain shuffle."""
+    """Batches of items that share a training size, shuffled with permutations derived from (seed, epoch) alone,
+    so a resumed run replays the same batches.
 
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int):
-        self.sizes, self.batch_size, self.seed, self.epoch = sizes, batch_size, seed, 0
+    Each bucket's items are shuffled and cut into batches; `processes` consecutive batches form one optimizer
+    step's global batch, and global batches are shuffled as units. So N processes with batch B see, step by step,
+    the same samples as one process with batch N x B.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, processes: int = 1):
+        self.sizes, self.batch_size, self.seed, self.processes, self.epoch = sizes, batch_size, seed, processes, 0
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        batches = []
+        units = []
         for size in sorted(set(self.sizes)):
             items = [i for i, item_size in enumerate(self.sizes) if item_size == size]
             shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
-            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
-        if len(batches) > 1:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return iter(batches)
+            batches = [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+            units += [batches[i:i + self.processes] for i in range(0, len(batches), self.processes)]
+        order = torch.randperm(len(units), generator=generator).tolist()
+        return iter([batch for i in order for batch in units[i]])
 
     def __len__(self) -> int:
         return sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes).values())
@@ -226,21 +232,34 @@ def make_collate(tokenizer):
     return collate
 
 
-def step_generator(seed: int, step: int, micro_step: int, process: int, device):
-    """Noise and timesteps derive from (seed, step, micro-step, process), so a resume draws the same ones."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(hash((seed, step, micro_step, process)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return generator
+class SampleRandomness:
+    """One generator per sample, seeded from (seed, step, item index): the noise and timestep a sample gets do not
+    depend on which process or micro-batch it lands in, so a resume, or a run on more processes with smaller
+    per-device batches, draws the same ones."""
+
+    def __init__(self, seed: int, step: int, items: torch.Tensor, device: torch.device):
+        self.generators = []
+        for item in items.tolist():
+            generator = torch.Generator(device=device)
+            generator.manual_seed(hash((seed, step, item)) & 0x7FFF_FFFF_FFFF_FFFF)
+            self.generators.append(generator)
+        self.device = device
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """B x shape, sample i drawn from generator i."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.cat([torch.randint(0, high, (1,), generator=g, device=self.device) for g in self.generators])
 
 
-def batch_latents(batch: dict, vae, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """Latents x scaling factor, sampled with this step's generator from the cached or freshly encoded posterior."""
+def batch_latents(batch: dict, vae, scaling_factor: float, randomness: SampleRandomness) -> torch.Tensor:
+    """Latents x scaling factor, sampled from the cached or freshly encoded posterior."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         mean, std = latent_distribution(vae, batch["pixel_values"])
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * noise) * scaling_factor
+    return (mean + std * randomness.randn(mean.shape[1:], mean.dtype)) * scaling_factor
 
 
 def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
@@ -252,17 +271,14 @@ def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
 
 
 def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, unet, noise_scheduler,
-                   generator: torch.Generator, snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
+                   randomness: SampleRandomness, snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models),
     optionally Min-SNR weighted per sample. Draws, in order: noise, offset noise (if any), timesteps."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = randomness.randn(latents.shape[1:], latents.dtype)
     if noise_offset:
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
-        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device,
-                             dtype=latents.dtype)
-        noise = noise + noise_offset * offset
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
+        noise = noise + noise_offset * randomness.randn((latents.shape[1], 1, 1), latents.dtype)
+    timesteps = randomness.randint(noise_scheduler.config.num_train_timesteps)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
@@ -352,17 +368,32 @@ def encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtyp
     elif cfg.cache_latents:
         disk_dir = Path(cfg.output_dir) / "latent_cache" if cfg.cache_latents_to_disk else None
         variants = len(dataset.examples) * (2 if cfg.random_flip else 1)
-        with tqdm(total=variants, desc="caching latents", disable=not accelerator.is_main_process) as progress:
+        shard = (accelerator.process_index, accelerator.num_processes)
+        with tqdm(total=math.ceil(variants / shard[1]), desc="caching latents",
+                  disable=not accelerator.is_main_process) as progress:
             latents = encode_latent_cache(dataset, vae, disk_dir, f"{cfg.pretrained_model_name_or_path}|{weight_dtype}",
-                                    progress)
+                                          progress, shard)
+        latents = gather_parts(latents, accelerator)
     captions = dataset.possible_captions()
     if cfg.cache_text_embeddings and cfg.train_text_encoder:
         say("text-embedding cache off: the text encoder is training, so captions are encoded at each step")
     elif cfg.cache_text_embeddings and captions is None:
         say("text-embedding cache off: tag shuffling makes new captions at each step")
     elif cfg.cache_text_embeddings:
-        embeddings = encode_text_cache(sorted(captions), tokenizer, text_encoder)
+        embeddings = encode_text_cache(sorted(captions), tokenizer, text_encoder,
+                                       (accelerator.process_index, accelerator.num_processes))
+        embeddings = gather_parts(embeddings, accelerator)
     return latents, embeddings
+
+
+def gather_parts(part: dict, accelerator: Accelerator) -> dict:
+    """Each process encoded a share of a cache; every process gets the whole of it."""
+    if accelerator.num_processes == 1:
+        return part
+    whole = {}
+    for piece in gather_object([part]):
+        whole.update(piece)
+    return whole
 
 
 def run_identity(cfg, num_processes: int) -> dict:
@@ -570,13 +601,13 @@ def main(cfg: argparse.Namespace) -> Path:
     )
     if accelerator.is_main_process:
         check_output_dir(output_dir)
-    dataset = CustomDataset(cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop,
-                            random_flip=cfg.random_flip, caption_extension=cfg.caption_extension,
-                            fallback_caption=cfg.fallback_caption, seed=cfg.seed, strict=cfg.strict_data,
-                            cache_path=output_dir / ".image_check_cache.json", buckets=cfg.aspect_ratio_buckets,
-                            bucket_upscale=cfg.bucket_upscale, trigger_phrase=cfg.trigger_phrase,
-                            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
-                            caption_dropout=cfg.caption_dropout)
+    with accelerator.main_process_first():  # the main process checks the images and fills the cache the rest read
+        dataset = CustomDataset(
+            cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+            caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
+            strict=cfg.strict_data, cache_path=output_dir / ".image_check_cache.json",
+            buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale, trigger_phrase=cfg.trigger_phrase,
+            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, caption_dropout=cfg.caption_dropout)
     identity = run_identity(cfg, accelerator.num_processes)
     if resume_folder:
         check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
@@ -616,7 +647,7 @@ def main(cfg: argparse.Namespace) -> Path:
 
     # Data, optimizer, schedule.
     sampler = BucketBatchSampler([dataset.sizes[example] for example in dataset.order], cfg.train_batch_size,
-                                 cfg.seed)
+                                 cfg.seed, accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
                                              collate_fn=make_collate(tokenizer),
                                              num_workers=cfg.dataloader_num_workers)
@@ -660,13 +691,12 @@ def main(cfg: argparse.Namespace) -> Path:
             skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             epoch_losses = []
-            for micro_step, batch in enumerate(batches, start=skip):
+            for batch in batches:
                 with accelerator.accumulate(*trained):
-                    generator = step_generator(cfg.seed, step, micro_step, accelerator.process_index,
-                                               accelerator.device)
-                    latents = batch_latents(batch, vae, scaling_factor, generator)
+                    randomness = SampleRandomness(cfg.seed, step, batch["index"], accelerator.device)
+                    latents = batch_latents(batch, vae, scaling_factor, randomness)
                     states = batch_text_embeddings(batch, text_encoder)
-                    loss = diffusion_loss(latents, states, unet, noise_scheduler, generator, cfg.snr_gamma,
+                    loss = diffusion_loss(latents, states, unet, noise_scheduler, randomness, cfg.snr_gamma,
                                           cfg.noise_offset)
                     accelerator.backward(loss)
                     finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(),

@@ -152,6 +152,12 @@ def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_pat
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def replayed(items: list[int], draws) -> list:
+    """Re-create SampleRandomness's per-sample generators and make each sample's draws in order."""
+    generators = train_lora.SampleRandomness(0, 0, torch.tensor(items), torch.device("cpu")).generators
+    return [draws(g) for g in generators]
+
+
 def test_loss_target_is_velocity_for_v_prediction():
     """With prediction_type v_prediction the loss compares against the velocity, otherwise against the noise."""
     from diffusers import DDPMScheduler
@@ -166,12 +172,20 @@ def test_loss_target_is_velocity_for_v_prediction():
     for prediction_type in ("epsilon", "v_prediction"):
         scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear",
                                   beta_start=0.00085, beta_end=0.012)
-        loss = train_lora.diffusion_loss(latents, states, zero_unet, scheduler, torch.Generator().manual_seed(0))
-        generator = torch.Generator().manual_seed(0)  # replay the draws: noise, then timesteps
-        noise = torch.randn(latents.shape, generator=generator)
-        assert torch.equal(seen["t"], torch.randint(0, 1000, (2,), generator=generator))
+        randomness = train_lora.SampleRandomness(0, 0, torch.tensor([5, 9]), torch.device("cpu"))
+        loss = train_lora.diffusion_loss(latents, states, zero_unet, scheduler, randomness)
+        draws = replayed([5, 9], lambda g: (torch.randn(4, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g)))
+        noise = torch.stack([n for n, _ in draws])
+        assert torch.equal(seen["t"], torch.cat([t for _, t in draws]))
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, seen["t"])
         torch.testing.assert_close(loss, target.pow(2).mean())
+
+
+def test_sample_randomness_does_not_depend_on_batch_composition():
+    """A sample's draws depend on (seed, step, item) only: alone or in a batch, it gets the same noise."""
+    together = train_lora.SampleRandomness(3, 7, torch.tensor([4, 11]), torch.device("cpu")).randn((2, 3), torch.float32)
+    alone = train_lora.SampleRandomness(3, 7, torch.tensor([11]), torch.device("cpu")).randn((2, 3), torch.float32)
+    assert torch.equal(together[1], alone[0]) and not torch.equal(together[0], together[1])
 
 def test_new_run_refuses_to_overwrite_an_earlier_run(reference_run, tiny_model_dir):
     """Starting again in an output_dir that holds checkpoints refuses and points at --resume_from_checkpoint."""

@@ -131,11 +131,11 @@ def test_noise_offset_adds_a_per_channel_constant():
         seen["noisy"], seen["t"] = noisy, timesteps
         return type("Out", (), {"sample": torch.zeros_like(noisy)})()
 
-    train_lora.diffusion_loss(latents, states, spy_unet, scheduler, torch.Generator().manual_seed(0), 0.0, 0.1)
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(latents.shape, generator=generator)
-    offset = torch.randn(2, 4, 1, 1, generator=generator)
-    expected = scheduler.add_noise(latents, noise + 0.1 * offset, seen["t"])
+    randomness = train_lora.SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu"))
+    train_lora.diffusion_loss(latents, states, spy_unet, scheduler, randomness, 0.0, 0.1)
+    fresh = train_lora.SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu")).generators
+    noise = torch.stack([torch.randn(4, 8, 8, generator=g) + 0.1 * torch.randn(4, 1, 1, generator=g) for g in fresh])
+    expected = scheduler.add_noise(latents, noise, seen["t"])
     torch.testing.assert_close(seen["noisy"], expected)
 
 

@@ -1,0 +1,113 @@
+"""Two CPU processes (torchrun, gloo) train the same LoRA as one process with twice the batch, write each file
+once, end together when one dies, and resume exactly."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_lora
+from conftest import REPO_ROOT
+from settings import ConfigError
+
+TOLERANCE = 1e-5  # gradients are all-reduced in another summation order than one process sums them
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def common(tiny_model_dir, output_dir, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path",
+            str(REPO_ROOT / "examples" / "dataset"), "--output_dir", str(output_dir), "--resolution", "64",
+            "--max_train_steps", "6", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+            "--random_flip", "true", "--validation_steps", "0", "--validation_prompts", "a cat",
+            "--validation_inference_steps", "2", *extra]
+
+
+def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "train_lora.py", *args]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("two")
+    process = torchrun(common(tiny_model_dir, output, "--train_batch_size", "1"))
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    return output
+
+
+def files_written(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "logs" not in p.parts)
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(two_process_run, tiny_model_dir, tmp_path):
+    """Per-device batch 1 on 2 processes trains the LoRA of batch 2 on 1 process (within TOLERANCE), with the
+    same losses, and writes the same files, each once."""
+    one = tmp_path / "one"
+    train_lora.main(train_lora.parse_config(common(tiny_model_dir, one, "--train_batch_size", "2")))
+    a = load_file(str(one / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two_process_run / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
+    losses = [[json.loads(line)["loss"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
+              for folder in (one, two_process_run)]
+    assert len(losses[0]) == len(losses[1]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
+    assert files_written(two_process_run) == files_written(one)
+
+
+def test_resume_of_a_two_process_run_is_exact(two_process_run, tiny_model_dir, tmp_path):
+    """A 2-process run resumed from its step-4 checkpoint on 2 processes ends bitwise equal to the uninterrupted one."""
+    shutil.copytree(two_process_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    process = torchrun(common(tiny_model_dir, tmp_path, "--train_batch_size", "1",
+                              "--resume_from_checkpoint", "latest"))
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    resumed = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(two_process_run / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_resume_on_another_number_of_processes_is_refused(two_process_run, tiny_model_dir, tmp_path):
+    """Resuming a 2-process checkpoint on 1 process refuses, naming num_processes."""
+    shutil.copytree(two_process_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    cfg = train_lora.parse_config(common(tiny_model_dir, tmp_path, "--train_batch_size", "1",
+                                         "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ConfigError, match="num_processes: checkpoint 2, now 1"):
+        train_lora.main(cfg)
+
+
+def test_killing_one_process_ends_the_other_promptly(tiny_model_dir, tmp_path):
+    """SIGKILL of rank 1 mid-run ends rank 0 and the launcher within 60 s, with a non-zero exit naming rank 1."""
+    process = torchrun(common(tiny_model_dir, tmp_path, "--max_train_steps", "100000", "--checkpointing_steps", "50"))
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoint-50").exists():  # well into training
+        assert process.poll() is None and time.time() < deadline, "training did not get going"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train_lora.py" in p.cmdline()]
+    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+    assert len(workers) == 2 and len(rank1) == 1
+    killed_at = time.time()
+    os.kill(rank1[0].pid, signal.SIGKILL)
+    log, _ = process.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert process.returncode != 0 and "rank      : 1" in log
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers)
