@@ -6,6 +6,7 @@ Every image is fully decoded at start: a file that cannot be used is skipped wit
 reason, and listed in `skipped`; a folder with nothing usable is an error that lists what it holds.
 """
 
+import copy
 import csv
 import hashlib
 import json
@@ -14,7 +15,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -326,12 +327,38 @@ class CustomDataset(Dataset):
             listing = "\n  ".join(f"{s['file']}: {s['reason']}" for s in scan.skipped)
             raise DatasetError(f"{len(scan.skipped)} unusable file(s) in {self.root} and strict checking is on; "
                                f"fix or remove them, or turn strict off to skip them:\n  {listing}")
-        self.examples = scan.examples
         self.skipped = scan.skipped
         self.notes = scan.notes
-        self.order = [index for index, example in enumerate(self.examples) for _ in range(example.repeats)]
-        self.sizes = [bucket_size(*e.size, resolution, bucket_upscale) if buckets else (resolution, resolution)
-                      for e in self.examples]
+        self.buckets, self.bucket_upscale = buckets, bucket_upscale
+        self.use_examples(scan.examples)
+
+    def use_examples(self, examples: list[Example]) -> None:
+        """Train on `examples`: index their repeats (`order`) and training sizes (`sizes`)."""
+        self.examples = examples
+        self.order = [index for index, example in enumerate(examples) for _ in range(example.repeats)]
+        self.sizes = [bucket_size(*e.size, self.resolution, self.bucket_upscale) if self.buckets
+                      else (self.resolution, self.resolution) for e in examples]
+
+    def split_off(self, fraction: float) -> "CustomDataset":
+        """Hold out `fraction` of the images (at least one, never all; chosen by the seed) for validation:
+        they leave this dataset and come back as a dataset with fixed captions and no mirroring."""
+        count = min(max(1, round(fraction * len(self.examples))), len(self.examples) - 1)
+        if count < 1:
+            raise DatasetError(f"validation_split needs at least 2 usable images in {self.root}, found "
+                               f"{len(self.examples)}")
+        chosen = set(random.Random(f"{self.seed}-validation").sample(range(len(self.examples)), count))
+        held_out = self.fixed_copy()
+        held_out.use_examples([e for i, e in enumerate(self.examples) if i in chosen])
+        self.use_examples([e for i, e in enumerate(self.examples) if i not in chosen])
+        return held_out
+
+    def fixed_copy(self) -> "CustomDataset":
+        """The same images with deterministic items: centre crop, no mirroring, no tag shuffle or caption dropout
+        (each image counted once), for a validation loss that is comparable across steps and runs."""
+        fixed = copy.copy(self)
+        fixed.center_crop, fixed.random_flip, fixed.shuffle_tags, fixed.caption_dropout = True, False, False, 0.0
+        fixed.use_examples([replace(e, repeats=1) for e in self.examples])
+        return fixed
 
     def __len__(self) -> int:
         return len(self.order)

@@ -36,10 +36,10 @@ from pathlib import Path  # noqa: E402
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
+from sampling import make_grid  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -103,18 +103,6 @@ def check_config(cfg) -> list[tuple[Path, float]]:
             raise ConfigError(f"--lora {path}: file not found{hint}")
         read_lora_file(path)  # a bad file is refused now, not after the model has loaded
     return loras
-
-
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    """Images side by side in rows of at most 4 (all the size of the first)."""
-
-    columns = min(4, len(images))
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
 
 
 def parameters_text(cfg, prompt: str, seed: int, loras: list[tuple[Path, float]]) -> str:

@@ -47,8 +47,11 @@ output_dir = "output"  # final LoRA file, checkpoints, samples, reports
 checkpointing_steps = 500  # save a resumable checkpoint every N optimizer steps; 0: never
 checkpoints_total_limit = 3  # keep only the newest N checkpoints; 0: keep all
 resume_from_checkpoint = ""  # "latest" or a checkpoint folder
-validation_prompts = ("a photo of an astronaut",)  # sampled every validation_steps; empty: no samples
-validation_steps = 500  # optimizer steps between sample sets; 0: only at the end
+validation_prompts = ("a photo of an astronaut",)  # sampled at step 0, every validation_steps and at the end
+sample_prompts_file = ""  # prompts with per-line --n --d --s --l --w --h --m settings; replaces validation_prompts
+validation_steps = 500  # optimizer steps between sample sets; 0: only at step 0 and the end
+validation_split = 0.0  # share of the images held out for a validation loss, e.g. 0.1; 0: none
+validation_dataset_path = ""  # or a folder of held-out images (and captions) for the validation loss
 validation_inference_steps = 25  # sampler steps for the validation images
 validation_guidance_scale = 7.5  # classifier-free guidance for the validation images
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
@@ -80,6 +83,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -100,7 +104,7 @@ from checkpoints import (  # noqa: E402
     prune_checkpoints, read_state, save_checkpoint,
 )
 from dataset import CustomDataset, DatasetError  # noqa: E402
-from generate import make_grid  # noqa: E402
+from sampling import PromptFileError, SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from lora_diffusion import LORA_FILE_NAME, UNET_TARGETS, LoRAError, inject_trainable_lora  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
@@ -551,46 +555,122 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
-def save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step: int) -> list[Path]:
-    """One image per validation prompt (seed = seed + prompt index) and a grid, in output_dir/samples/.
-    A VAE or text encoder released after caching (None) is loaded for the occasion and released again."""
-    dtype = accelerator.unwrap_model(unet).dtype if cfg.mixed_precision == "no" else {
-        "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    if vae is None:
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", dtype=dtype)
-    if text_encoder is None:
-        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                     dtype=dtype)
-    pipeline = StableDiffusionPipeline(
-        vae=vae.to(accelerator.device), text_encoder=accelerator.unwrap_model(text_encoder).to(accelerator.device),
-        tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-        scheduler=PNDMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    folder = Path(cfg.output_dir) / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    images, paths = [], []
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, so the validation loss compares across steps and runs
+
+
+def held_out_dataset(cfg, dataset: CustomDataset) -> CustomDataset | None:
+    """The validation images: a folder, or a seeded share split off the training images."""
+    if cfg.validation_dataset_path:
+        return CustomDataset(cfg.validation_dataset_path, resolution=cfg.resolution,
+                             caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption,
+                             seed=cfg.seed, trigger_phrase=cfg.trigger_phrase, buckets=cfg.aspect_ratio_buckets,
+                             bucket_upscale=cfg.bucket_upscale).fixed_copy()
+    return dataset.split_off(cfg.validation_split) if cfg.validation_split else None
+
+
+def encode_validation(data: CustomDataset | None, vae, tokenizer, text_encoder, scaling_factor: float) -> list:
+    """[(latent x scaling factor: the posterior mean, caption embedding)] per held-out image (empty: none)."""
+    if data is None:
+        return []
+    latents = encode_latent_cache(data, vae, None, "validation")
+    captions = [data.caption(item) for item in range(len(data))]
+    embeddings = encode_text_cache(captions, tokenizer, text_encoder)
+    return [(latents[(index, False)][0] * scaling_factor, embeddings[captions[index]])
+            for index in range(len(data.examples))]
+
+
+@torch.no_grad()
+def validation_loss(validation: list, unet, noise_scheduler, seed: int, autocast) -> float:
+    """Mean diffusion loss over the held-out images at VALIDATION_TIMESTEPS with noise fixed by (seed, image):
+    the same weights always give the same number."""
     was_training = unet.training
     unet.eval()
-    with torch.no_grad(), accelerator.autocast():
-        for index, prompt in enumerate(cfg.validation_prompts):
-            generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
-            image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator,
-                             guidance_scale=cfg.validation_guidance_scale,
-                             height=cfg.resolution, width=cfg.resolution).images[0]
-            paths.append(folder / f"step{step:06d}-{index:02d}.png")
-            image.save(paths[-1])
-            images.append(image)
-    unet.train(was_training)
-    make_grid(images).save(folder / f"step{step:06d}-grid.png")
-    return paths
+    timesteps = torch.tensor(VALIDATION_TIMESTEPS, device=unet.device)
+    total, count = 0.0, 0
+    try:
+        for index, (latent, embedding) in enumerate(validation):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            noise = torch.randn((len(timesteps),) + tuple(latent.shape), generator=generator)
+            latents = latent.expand_as(noise).to(unet.device, unet.dtype)
+            noise = noise.to(unet.device, unet.dtype)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+            target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+            states = embedding.expand(len(timesteps), *embedding.shape).to(unet.device, unet.dtype)
+            with autocast():
+                prediction = unet(noisy, timesteps, states).sample
+            total += F.mse_loss(prediction.float(), target.float(), reduction="sum").item()
+            count += target.numel()
+    finally:
+        unet.train(was_training)
+    return total / count
+
+
+class ValidationLog:
+    """val_loss_log.jsonl rows {"step", "val_loss"}, TensorBoard's val/loss, and the best checkpoint so far."""
+
+    def __init__(self, path: Path):
+        self.path, self.best = path, None
+
+    def record(self, step: int, validation: list, accelerator, unet, noise_scheduler, seed: int) -> None:
+        if not validation:
+            return
+        value = validation_loss(validation, accelerator.unwrap_model(unet), noise_scheduler, seed, accelerator.autocast)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
+        accelerator.log({"val/loss": value}, step=step)
+        if step > 0 and (self.best is None or value < self.best[1]):
+            self.best = (step, value)
+
+    def summary(self, output_dir: Path) -> str:
+        if self.best is None:
+            return ""
+        step, value = self.best
+        folder = output_dir / f"checkpoint-{step}"
+        where = folder if folder.is_dir() else f"step {step} (final file or pruned checkpoint)"
+        return f"\n  best by validation loss: {where} ({value:.4f})"
+
+
+def sample_prompts(cfg) -> list[SamplePrompt]:
+    """The prompts drawn during training: the prompts file if set, else validation_prompts (seed + index)."""
+    defaults = SamplePrompt("", seed=cfg.seed, steps=cfg.validation_inference_steps,
+                            guidance_scale=cfg.validation_guidance_scale, width=cfg.resolution, height=cfg.resolution)
+    if cfg.sample_prompts_file:
+        return read_prompts_file(Path(cfg.sample_prompts_file), defaults)
+    return [replace(defaults, prompt=prompt, seed=cfg.seed + index) for index, prompt in enumerate(cfg.validation_prompts)]
+
+
+def save_samples(cfg, prompts: list[SamplePrompt], accelerator, unet, network, vae, text_encoder, tokenizer,
+                 step: int) -> None:
+    """Images for `prompts` in output_dir/samples/ (see sampling.sample_images; a failure is logged, never fatal).
+    A VAE or text encoder released after caching (None) is loaded for the occasion and released again."""
+    if not prompts:
+        return
+    try:
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", dtype=dtype)
+        if text_encoder is None:
+            text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                         dtype=dtype)
+        pipeline = StableDiffusionPipeline(
+            vae=vae.to(accelerator.device), text_encoder=accelerator.unwrap_model(text_encoder).to(accelerator.device),
+            tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+            scheduler=PNDMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+    except Exception as error:  # noqa: BLE001 (sampling never ends a run)
+        log.error(f"sampling at step {step} skipped: the pipeline could not be built ({error}); training goes on")
+        return
+    sample_images(pipeline, network, prompts, Path(cfg.output_dir) / "samples", step, accelerator.autocast)
 
 
 def main(cfg: argparse.Namespace) -> Path:
     """Train and return the path of the final LoRA file."""
     # Preflight: settings, base model files, output folder, every image and caption, before any model loads.
     check_config(cfg)
+    prompts = sample_prompts(cfg)
     check_model_source(cfg.pretrained_model_name_or_path)
     output_dir = Path(cfg.output_dir)
     resume_folder = resolve_resume(cfg)
@@ -608,6 +688,7 @@ def main(cfg: argparse.Namespace) -> Path:
             strict=cfg.strict_data, cache_path=output_dir / ".image_check_cache.json",
             buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale, trigger_phrase=cfg.trigger_phrase,
             shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, caption_dropout=cfg.caption_dropout)
+    validation_data = held_out_dataset(cfg, dataset)
     identity = run_identity(cfg, accelerator.num_processes)
     if resume_folder:
         check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
@@ -626,6 +707,7 @@ def main(cfg: argparse.Namespace) -> Path:
     text_encoder.to(accelerator.device)
     scaling_factor = vae.config.scaling_factor
     latents, embeddings = encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator)
+    validation = encode_validation(validation_data, vae, tokenizer, text_encoder, scaling_factor)
     if latents is not None:
         vae = None
     if embeddings is not None:
@@ -682,6 +764,10 @@ def main(cfg: argparse.Namespace) -> Path:
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     start_time, start_step, loss_value, nonfinite_in_row = time.time(), step, float("nan"), 0
+    val_log = ValidationLog(output_dir / "val_loss_log.jsonl") if accelerator.is_main_process else None
+    if step == 0 and accelerator.is_main_process:  # the base model, for comparison
+        save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, 0)
+        val_log.record(0, validation, accelerator, unet, noise_scheduler, cfg.seed)
     unet.train()
     try:
         while step < max_steps:
@@ -735,12 +821,12 @@ def main(cfg: argparse.Namespace) -> Path:
                         cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)):
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity,
                                    nonfinite_total, started_at, ema)
+                    val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
                 if stop_now:
                     raise TrainingStopped(f"stopped on request at step {step}, checkpoint saved. Resume with:\n"
                                           f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
-                if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
-                        and step % cfg.validation_steps == 0):
-                    save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
+                if accelerator.is_main_process and cfg.validation_steps and step % cfg.validation_steps == 0:
+                    save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
                 if step >= max_steps:
                     break
             if epoch_losses:
@@ -759,8 +845,8 @@ def main(cfg: argparse.Namespace) -> Path:
         network.save(final_path, lora_metadata(cfg, dataset, step, started_at))
         if ema:
             ema.save(network, output_dir / EMA_FILE_NAME, lora_metadata(cfg, dataset, step, started_at))
-        if cfg.validation_prompts:
-            save_samples(cfg, accelerator, unet, vae, text_encoder, tokenizer, step)
+        save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
+        val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
         elapsed = time.time() - start_time
         steps_done = step - start_step
         print(f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
@@ -771,7 +857,7 @@ def main(cfg: argparse.Namespace) -> Path:
               f"  samples:     {output_dir / 'samples'}\n"
               f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
               f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} usable, "
-              f"{len(dataset.skipped)} skipped)")
+              f"{len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
     accelerator.end_training()
     return final_path
 
@@ -780,7 +866,7 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(message)s")
     try:
         main(parse_config())
-    except (ConfigError, DatasetError, LoRAError, CheckpointError) as error:
+    except (ConfigError, DatasetError, LoRAError, CheckpointError, PromptFileError) as error:
         sys.exit(f"error: {error}")
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
