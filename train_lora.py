@@ -104,6 +104,7 @@ from checkpoints import (  # noqa: E402
     prune_checkpoints, read_state, save_checkpoint,
 )
 from dataset import CustomDataset, DatasetError  # noqa: E402
+from report import write_report  # noqa: E402
 from sampling import PromptFileError, SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from lora_diffusion import LORA_FILE_NAME, UNET_TARGETS, LoRAError, inject_trainable_lora  # noqa: E402
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
@@ -631,6 +632,15 @@ class ValidationLog:
         return f"\n  best by validation loss: {where} ({value:.4f})"
 
 
+def write_run_report(output_dir: Path) -> Path | str:
+    """report.html and loss.png for the run; a failure here is reported, never fatal (the LoRA is already saved)."""
+    try:
+        return write_report(output_dir)
+    except Exception as error:  # noqa: BLE001
+        log.error(f"the HTML report could not be written ({error}); run `python report.py {output_dir}` to retry")
+        return "not written (see the error above)"
+
+
 def sample_prompts(cfg) -> list[SamplePrompt]:
     """The prompts drawn during training: the prompts file if set, else validation_prompts (seed + index)."""
     defaults = SamplePrompt("", seed=cfg.seed, steps=cfg.validation_inference_steps,
@@ -847,6 +857,7 @@ def main(cfg: argparse.Namespace) -> Path:
             ema.save(network, output_dir / EMA_FILE_NAME, lora_metadata(cfg, dataset, step, started_at))
         save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
         val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
+        report_path = write_run_report(output_dir)
         elapsed = time.time() - start_time
         steps_done = step - start_step
         print(f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
@@ -856,6 +867,7 @@ def main(cfg: argparse.Namespace) -> Path:
               f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
               f"  samples:     {output_dir / 'samples'}\n"
               f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
+              f"  report:      {report_path}\n"
               f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} usable, "
               f"{len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
     accelerator.end_training()
