@@ -34,7 +34,7 @@ def main() -> None:
         "--output_dir", str(DEMO_DIR / "lora"), "--resolution", "128", "--rank", "8", "--alpha", "8",
         "--learning_rate", "1e-3", "--max_train_steps", "200", "--checkpointing_steps", "100",
         "--validation_steps", "100", "--validation_prompts", "a photo of a cat", "a photo of a rocket",
-        "--validation_inference_steps", "20", "--random_flip", "true",
+        "--validation_inference_steps", "20", "--random_flip", "true", "--validation_split", "0.25",
     ])
     run(generate, [
         "--pretrained_model_name_or_path", str(model_dir), "--lora", f"{lora_path}:1.0",

@@ -165,6 +165,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
+    need(not cfg.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
+         "--use_8bit_adam true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs), or set use_8bit_adam false")
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
@@ -356,11 +358,8 @@ def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     parameters = [group for group in groups if group["params"]]
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ConfigError("--use_8bit_adam true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs), "
-                          "or set use_8bit_adam false") from None
+    import bitsandbytes  # present: check_config refused the run otherwise
+
     return bitsandbytes.optim.AdamW8bit(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
 
 

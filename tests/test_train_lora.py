@@ -48,6 +48,9 @@ def test_flags_override_constants_and_booleans_parse_explicitly():
     (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler"),
     (["--rank", "0"], "--rank 0"),
     (["--caption_extension", "txt"], "include the dot"),
+    (["--use_8bit_adam", "true"], "needs bitsandbytes: pip install bitsandbytes"),
+    (["--lora_targets", "everything"], "--lora_targets 'everything'"),
+    (["--caption_dropout", "1.5"], "--caption_dropout 1.5"),
 ])
 def test_bad_settings_are_refused_naming_the_option(tiny_model_dir, tmp_path, flags, message):
     """A setting that cannot work is refused before anything is written, naming the flag."""
