@@ -65,6 +65,7 @@ use_8bit_adam = False  # 8-bit AdamW from bitsandbytes (pip install bitsandbytes
 strict_data = False  # True: any unusable image stops the run instead of being skipped
 resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
 max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run stops
+interop_check = True  # after saving, load the file as diffusers, A1111 and ComfyUI would and compare the deltas
 
 # Everything above is configuration: collected here, before any import adds names of its own.
 DEFAULTS = {name: value for name, value in list(globals().items())
@@ -106,7 +107,9 @@ from checkpoints import (  # noqa: E402
 from dataset import CustomDataset, DatasetError  # noqa: E402
 from report import write_report  # noqa: E402
 from sampling import PromptFileError, SamplePrompt, read_prompts_file, sample_images  # noqa: E402
-from lora_diffusion import LORA_FILE_NAME, UNET_TARGETS, LoRAError, inject_trainable_lora  # noqa: E402
+from lora_diffusion import (  # noqa: E402
+    LORA_FILE_NAME, UNET_TARGETS, LoRAError, check_interop, inject_trainable_lora, write_interop_report,
+)
 from settings import ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -631,6 +634,21 @@ class ValidationLog:
         return f"\n  best by validation loss: {where} ({value:.4f})"
 
 
+def interop_self_test(final_path: Path, unet, text_encoder) -> None:
+    """Reload the final file through diffusers and the A1111 / ComfyUI key rules; write `<file>.interop.json` and
+    say in one line whether every consumer gets the trained LoRA. Never fatal: the file is already saved."""
+    try:
+        result = check_interop(final_path, unet, text_encoder)
+        written = write_interop_report(final_path, result)
+    except Exception as error:  # noqa: BLE001
+        log.error(f"interop self-test could not run ({error}); the LoRA file is saved")
+        return
+    verdict = "ok" if result["ok"] else "PROBLEMS"
+    print(f"interop self-test: {verdict} (diffusers: {result['diffusers']}; unmatched keys: A1111 "
+          f"{len(result['a1111_unmatched'])}, ComfyUI {len(result['comfyui_unmatched'])}; max delta error "
+          f"{result['max_delta_error']:.1e}) -> {written}")
+
+
 def write_run_report(output_dir: Path) -> Path | str:
     """report.html and loss.png for the run; a failure here is reported, never fatal (the LoRA is already saved)."""
     try:
@@ -856,6 +874,9 @@ def main(cfg: argparse.Namespace) -> Path:
             ema.save(network, output_dir / EMA_FILE_NAME, lora_metadata(cfg, dataset, step, started_at))
         save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
         val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
+        if cfg.interop_check:
+            interop_self_test(final_path, accelerator.unwrap_model(unet),
+                              accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
         report_path = write_run_report(output_dir)
         elapsed = time.time() - start_time
         steps_done = step - start_step
