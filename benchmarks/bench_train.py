@@ -68,6 +68,29 @@ def build_sd14(folder: Path) -> Path:
     return folder
 
 
+class MemorySampler:
+    """Resident memory sampled every 50 ms in a background thread, so the peak of the training steps can be told
+    apart from the peak of loading (an fp32 checkpoint converted to bf16 briefly holds both)."""
+
+    def __init__(self):
+        import psutil
+        import threading
+
+        self.process, self.samples, self.running = psutil.Process(), [], True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while self.running:
+            self.samples.append((time.time(), self.process.memory_info().rss / 2**20))
+            time.sleep(0.05)
+
+    def peak_after(self, start: float) -> float:
+        self.running = False
+        self.thread.join()
+        return max((rss for t, rss in self.samples if t >= start), default=float("nan"))
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -78,13 +101,14 @@ def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: st
     return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(ROOT / "examples" / "dataset"),
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "1",
             "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--validation_prompts",
-            "--mixed_precision", "no" if precision == "fp32" else precision]
+            "--mixed_precision", "no" if precision == "fp32" else precision, "--interop_check", "false"]
 
 
 def measure_script(model_dir: Path, resolution: int, precision: str, steps: int, naive: bool) -> dict:
     """train_lora.main as users run it; step times from its loss log (wall time between logged steps)."""
     import train_lora
 
+    sampler = MemorySampler()
     with tempfile.TemporaryDirectory() as output_dir:
         args = train_args(model_dir, Path(output_dir), resolution, precision, steps + 1)
         if naive:
@@ -92,7 +116,7 @@ def measure_script(model_dir: Path, resolution: int, precision: str, steps: int,
         train_lora.main(train_lora.parse_config(args))
         rows = [json.loads(line) for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
-    return {"step_seconds": times, "peak_mb": peak_memory_mb()}
+    return {"step_seconds": times, "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(rows[0]["time"])}
 
 
 def measure_floor(model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
@@ -109,8 +133,9 @@ def measure_floor(model_dir: Path, resolution: int, precision: str, steps: int) 
     latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
     states = torch.randn(1, 77, 768, device=device, dtype=dtype)
     noise = torch.randn_like(latents)
-    times = []
+    times, sampler, first_step_done = [], MemorySampler(), 0.0
     for _ in range(steps + 1):
+        first_step_done = first_step_done or (time.time() if times else 0.0)
         start = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
             prediction = unet(latents + noise, torch.tensor([500], device=device), states).sample
@@ -121,7 +146,7 @@ def measure_floor(model_dir: Path, resolution: int, precision: str, steps: int) 
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"step_seconds": times[1:], "peak_mb": peak_memory_mb()}
+    return {"step_seconds": times[1:], "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(first_step_done)}
 
 
 def measure_generation(model_dir: Path, resolution: int, precision: str, steps: int, repeats: int) -> dict:
@@ -139,18 +164,16 @@ def measure_generation(model_dir: Path, resolution: int, precision: str, steps: 
         cfg = generate.parse_config(["--pretrained_model_name_or_path", str(model_dir), "--height", str(resolution),
                                      "--width", str(resolution), "--num_inference_steps", str(steps),
                                      "--mixed_precision", "no" if precision == "fp32" else precision])
-        results = {}
-        for name, loras in (("base", []), ("fused", [(lora_path, 0.8)])):
-            pipeline = generate.load_pipeline(cfg, loras)
-            pipeline.set_progress_bar_config(disable=True)
-            times = []
-            for index in range(repeats + 1):
+        pipelines = {"base": generate.load_pipeline(cfg, []), "fused": generate.load_pipeline(cfg, [(lora_path, 0.8)])}
+        results = {name: [] for name in pipelines}
+        for index in range(repeats + 1):  # alternate base and fused, so drift in machine speed hits both alike
+            for name, pipeline in pipelines.items():
+                pipeline.set_progress_bar_config(disable=True)
                 start = time.perf_counter()
                 pipeline("a photo", num_inference_steps=steps, height=resolution, width=resolution,
                          generator=torch.Generator("cpu").manual_seed(index))
-                times.append(time.perf_counter() - start)
-            results[name] = times[1:]
-            del pipeline
+                if index:  # the first round warms up
+                    results[name].append(time.perf_counter() - start)
     return results
 
 
@@ -189,6 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, after one warm-up step")
     parser.add_argument("--generation_steps", type=int, default=4, help="sampler steps per generated image")
     parser.add_argument("--generation_resolution", type=int, default=512)
+    parser.add_argument("--parts", nargs="+", choices=["training", "generation"], default=["training", "generation"],
+                        help="one part alone keeps the other part's results already in the results file")
     parser.add_argument("--one", choices=["ours", "naive", "floor", "generation"], help=argparse.SUPPRESS)
     parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision_one", help=argparse.SUPPRESS)
@@ -198,40 +223,56 @@ def main() -> None:
         return run_one(args)
 
     build_sd14(Path(args.model_dir))
-    machine = (torch.cuda.get_device_name() if device == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    results = {"device": device, "machine": machine, "torch": torch.__version__, "steps": args.steps, "runs": []}
-    for resolution in args.resolutions:
+    out = ROOT / "benchmarks" / f"results-{device}.json"
+    results = {"device": device, "machine": machine_name(device), "torch": torch.__version__, "steps": args.steps,
+               "runs": []}
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    if "training" not in args.parts:
+        results = earlier
+    elif "generation" not in args.parts and "generation" in earlier:
+        results["generation"] = earlier["generation"]
+    for resolution in args.resolutions if "training" in args.parts else []:
         for precision in args.precisions:
             run = {"resolution": resolution, "precision": precision}
             for variant in ("ours", "naive", "floor"):
                 run[variant] = child(args, variant, resolution, precision)
             results["runs"].append(run)
-    generation_precision = args.precisions[-1]
-    results["generation"] = {"resolution": args.generation_resolution, "precision": generation_precision,
-                             "steps": args.generation_steps,
-                             **child(args, "generation", args.generation_resolution, generation_precision)}
-    out = ROOT / "benchmarks" / f"results-{device}.json"
+    if "generation" in args.parts:
+        generation_precision = args.precisions[-1]
+        results["generation"] = {"resolution": args.generation_resolution, "precision": generation_precision,
+                                 "steps": args.generation_steps,
+                                 **child(args, "generation", args.generation_resolution, generation_precision)}
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n\n{markdown(results)}")
 
 
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def markdown(results: dict) -> str:
-    """The BENCHMARKS.md table: medians in seconds per optimizer step, peaks in MiB, and the ratios."""
-    memory = "peak RSS" if results["device"] == "cpu" else "peak allocated"
+    """The BENCHMARKS.md table: medians in seconds per optimizer step, memory in MiB, and the ratios."""
+    memory = "RSS" if results["device"] == "cpu" else "allocated"
     lines = [f"| px | precision | ours s/step | naive s/step | floor s/step | ours / floor | naive / ours | "
-             f"ours {memory} MiB | naive MiB | floor MiB | memory ours / naive |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"peak {memory} ours / naive / floor | ours / naive | {memory} during steps ours / naive / floor | "
+             f"ours / naive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         ours, naive, floor = (statistics.median(run[v]["step_seconds"]) for v in ("ours", "naive", "floor"))
+        peaks = [run[v]["peak_mb"] for v in ("ours", "naive", "floor")]
+        steady = [run[v].get("train_peak_mb", float("nan")) for v in ("ours", "naive", "floor")]
         lines.append(f"| {run['resolution']} | {run['precision']} | {ours:.2f} | {naive:.2f} | {floor:.2f} | "
-                     f"{ours / floor:.3f} | {naive / ours:.2f} | {run['ours']['peak_mb']:.0f} | "
-                     f"{run['naive']['peak_mb']:.0f} | {run['floor']['peak_mb']:.0f} | "
-                     f"{run['ours']['peak_mb'] / run['naive']['peak_mb']:.2f} |")
+                     f"{ours / floor:.3f} | {naive / ours:.2f} | {' / '.join(f'{p:.0f}' for p in peaks)} | "
+                     f"{peaks[0] / peaks[1]:.2f} | {' / '.join(f'{p:.0f}' for p in steady)} | "
+                     f"{steady[0] / steady[1]:.2f} |")
     gen = results["generation"]
     base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])
-    lines.append(f"\nGeneration ({gen['resolution']} px, {gen['precision']}, {gen['steps']} steps): base "
-                 f"{base:.2f} s/image, one fused LoRA {fused:.2f} s/image, fused / base {fused / base:.3f}")
+    lines.append(f"\nGeneration ({gen['resolution']} px, {gen['precision']}, {gen['steps']} steps, base and fused runs "
+                 f"alternated): base {base:.2f} s/image, one fused LoRA {fused:.2f} s/image, fused / base "
+                 f"{fused / base:.3f}")
     return "\n".join(lines)
 
 
