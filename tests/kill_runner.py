@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,16 +32,23 @@ def die() -> None:
 
 def plant_kill(kind: str, step: int, where: str) -> None:
     """Patch this (child) process so it SIGKILLs itself at the planned point."""
-    target = f"checkpoint-{step}"
-    if kind == "step":
-        original_write = train_lora.LossLog.write
-
-        def write(self, logged_step, *args, **kwargs):
-            original_write(self, logged_step, *args, **kwargs)
-            if logged_step == step:
-                die()
-        train_lora.LossLog.write = write
+    if kind != "step":
+        plant_save_fault(where, f"checkpoint-{step}", die)
         return
+    original_write = train_lora.LossLog.write
+
+    def write(self, logged_step, *args, **kwargs):
+        original_write(self, logged_step, *args, **kwargs)
+        if logged_step == step:
+            die()
+    train_lora.LossLog.write = write
+
+
+def plant_save_fault(where: str, target: str, fault: Callable[[], None], patch=setattr) -> None:
+    """Make the save of checkpoint folder `target` call `fault()` (a kill, or an exception) at `where`:
+    before_write, mid_write (half the LoRA file's bytes at its temporary name), before_rename, before_manifest,
+    mid_prune (while removing an older checkpoint, its manifest already gone). `patch` sets the attribute
+    (setattr in a throw-away child, monkeypatch.setattr in a test)."""
     if where in ("before_write", "mid_write"):
         original_atomic = lora_diffusion.atomic_write
 
@@ -50,33 +58,33 @@ def plant_kill(kind: str, step: int, where: str) -> None:
                     temporary = Path(path).with_name(f".{Path(path).name}.tmp")
                     temporary.parent.mkdir(parents=True, exist_ok=True)
                     temporary.write_bytes(data[: len(data) // 2])
-                die()
+                fault()
             original_atomic(path, data)
-        lora_diffusion.atomic_write = atomic_write
+        patch(lora_diffusion, "atomic_write", atomic_write)
     elif where == "before_rename":
         original_rename = Path.rename
 
         def rename(self, destination):
             if Path(destination).name == target:
-                die()
+                fault()
             return original_rename(self, destination)
-        Path.rename = rename
+        patch(Path, "rename", rename)
     elif where == "before_manifest":
-        original_atomic = checkpoints.atomic_write
+        original_manifest = checkpoints.atomic_write
 
         def manifest_write(path, data):
             if Path(path).name == checkpoints.MANIFEST and Path(path).parent.name == target:
-                die()
-            original_atomic(path, data)
-        checkpoints.atomic_write = manifest_write
+                fault()
+            original_manifest(path, data)
+        patch(checkpoints, "atomic_write", manifest_write)
     elif where == "mid_prune":
         original_rmtree = checkpoints.shutil.rmtree
 
         def rmtree(path, *args, **kwargs):
             if train_lora.latest_valid_checkpoint(Path(path).parent).name == target:
-                die()  # the manifest of the old checkpoint is already gone
+                fault()
             original_rmtree(path, *args, **kwargs)
-        checkpoints.shutil.rmtree = rmtree
+        patch(checkpoints.shutil, "rmtree", rmtree)
     else:
         raise ValueError(where)
 

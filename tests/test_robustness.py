@@ -16,6 +16,7 @@ import checkpoints
 import lora_diffusion
 import train_lora
 from conftest import REPO_ROOT
+from kill_runner import plant_save_fault
 from settings import ConfigError
 
 KILL_PLAN = [
@@ -76,36 +77,13 @@ class Crash(Exception):
     """Stands in for a kill: nothing after the crash point runs, so the files are left as a kill leaves them."""
 
 
+def crash() -> None:
+    raise Crash
+
+
 def crash_at(monkeypatch, where: str, target: str) -> None:
     """Make the save of `target` stop at `where` (see KILL_PLAN) by raising Crash."""
-    if where in ("before_write", "mid_write"):
-        original = lora_diffusion.atomic_write
-
-        def atomic_write(path, data):
-            if f"{target}.tmp" in str(path):
-                if where == "mid_write":
-                    half = Path(path).with_name(f".{Path(path).name}.tmp")
-                    half.parent.mkdir(parents=True, exist_ok=True)
-                    half.write_bytes(data[: len(data) // 2])
-                raise Crash
-            original(path, data)
-        monkeypatch.setattr(lora_diffusion, "atomic_write", atomic_write)
-    elif where == "before_rename":
-        original_rename = Path.rename
-
-        def rename(self, destination):
-            if Path(destination).name == target:
-                raise Crash
-            return original_rename(self, destination)
-        monkeypatch.setattr(Path, "rename", rename)
-    elif where == "before_manifest":
-        original_manifest = checkpoints.atomic_write
-
-        def manifest_write(path, data):
-            if Path(path).name == checkpoints.MANIFEST and Path(path).parent.name == target:
-                raise Crash
-            original_manifest(path, data)
-        monkeypatch.setattr(checkpoints, "atomic_write", manifest_write)
+    plant_save_fault(where, target, crash, monkeypatch.setattr)
 
 
 def short_run(tiny_model_dir, output_dir, *extra: str):
