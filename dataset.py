@@ -423,11 +423,13 @@ class CustomDataset(Dataset):
             lines.append("  buckets (items): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(sizes.items())))
         return "\n".join(lines)
 
-    def write_report(self, path: str | Path) -> Path:
+    def write_report(self, path: str | Path, held_out: int = 0) -> Path:
         """JSON report of what was used and what was skipped and why (the data_report.json of a run)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        report = {"dataset_path": str(self.root), "usable": len(self.examples), "skipped_count": len(self.skipped),
+        report = {"dataset_path": str(self.root), "usable": len(self.examples) + held_out,
+                  "training": len(self.examples), "held_out_for_validation": held_out,
+                  "skipped_count": len(self.skipped),
                   "skipped": self.skipped, "notes": dict(self.notes)}
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
         return path

@@ -54,9 +54,10 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(sample_size: int = 8) -> UNet2DConditionModel:
+def build_unet(sample_size: int = 8, layers_per_block: int = 2) -> UNet2DConditionModel:
+    # Two layers per block as in SD 1.x, so A1111's fixed block numbering maps this UNet's keys as it maps SD's.
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

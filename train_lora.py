@@ -720,7 +720,8 @@ def main(cfg: argparse.Namespace) -> Path:
     if resume_folder:
         check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
     if accelerator.is_main_process:
-        dataset.write_report(output_dir / "data_report.json")
+        held_out = len(validation_data.examples) if validation_data and not cfg.validation_dataset_path else 0
+        dataset.write_report(output_dir / "data_report.json", held_out)
         (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
         print(dataset.summary())
 
@@ -888,8 +889,8 @@ def main(cfg: argparse.Namespace) -> Path:
               f"  samples:     {output_dir / 'samples'}\n"
               f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
               f"  report:      {report_path}\n"
-              f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} usable, "
-              f"{len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+              f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} training images, "
+              f"{len(validation)} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
     accelerator.end_training()
     return final_path
 

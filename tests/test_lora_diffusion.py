@@ -104,7 +104,7 @@ def test_injection_hits_exactly_every_attention_projection(unet):
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)
     wrapped = sorted(path for path, module in unet.named_modules() if isinstance(module, LoRALayer))
     assert wrapped == expected
-    assert len(network.layers) == len(expected) == 4 * 2 * 4  # 4 transformer blocks (down, mid, 2 up) x 2 attns x 4
+    assert len(network.layers) == len(expected) == 6 * 2 * 4  # 6 transformer blocks (2 down, mid, 3 up) x 2 x 4
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0" in network.layers
 
 

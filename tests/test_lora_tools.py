@@ -278,9 +278,12 @@ def test_interop_check_lists_a_key_with_a_typo(sd1_layout_unet, tmp_path):
     assert report["diffusers"] != "ok" and report["ok"] is False
 
 
-def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(unet, tmp_path):
+def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(tmp_path):
     """A1111's fixed SD 1.x numbering (3 blocks per level) lands the up-block keys of a UNet with one layer per
     block on the wrong modules, while ComfyUI (config-driven) and diffusers match them all."""
+    from tiny_model import build_unet
+
+    unet = build_unet(layers_per_block=1).eval()
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)
     train_a_little(network)
     report = check_interop(network.save(tmp_path / "tiny.safetensors"), unet)
