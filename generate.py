@@ -40,7 +40,7 @@ from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
 from sampling import make_grid  # noqa: E402
-from settings import ConfigError, build_parser, check_model_source  # noqa: E402
+from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
@@ -121,7 +121,7 @@ def load_pipeline(cfg, loras: list[tuple[Path, float]]):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if device == "cuda" else "no")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = PRECISION_DTYPES[precision]
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
         cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     scheduler_class = getattr(diffusers, SCHEDULERS[cfg.scheduler])

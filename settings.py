@@ -7,7 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
+
+
+# The one meaning of the `mixed_precision` setting: the dtype frozen models are loaded in.
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):

@@ -110,7 +110,7 @@ from sampling import PromptFileError, SamplePrompt, read_prompts_file, sample_im
 from lora_diffusion import (  # noqa: E402
     LORA_FILE_NAME, UNET_TARGETS, LoRAError, check_interop, inject_trainable_lora, write_interop_report,
 )
-from settings import ConfigError, build_parser, check_model_source  # noqa: E402
+from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # Settings a resume must share with the original run to continue it exactly.
@@ -674,7 +674,7 @@ def save_samples(cfg, prompts: list[SamplePrompt], accelerator, unet, network, v
     if not prompts:
         return
     try:
-        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        dtype = PRECISION_DTYPES[cfg.mixed_precision]
         if vae is None:
             vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", dtype=dtype)
         if text_encoder is None:
@@ -727,7 +727,7 @@ def main(cfg: argparse.Namespace) -> Path:
 
     # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
     # before the UNet loads, so the two phases never hold each other's memory.
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    weight_dtype = PRECISION_DTYPES[cfg.mixed_precision]
     tokenizer, text_encoder, vae, noise_scheduler = load_encoders(cfg.pretrained_model_name_or_path, weight_dtype)
     if accelerator.is_main_process:
         report_long_captions(dataset, tokenizer)
