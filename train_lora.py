@@ -84,7 +84,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -538,6 +538,38 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     return bool(accelerator.gather(flag).max() > 0)
 
 
+@dataclass
+class StepModels:
+    """What a training step uses besides the LoRA weights and the optimizer."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None  # None once the latents are cached
+    text_encoder: torch.nn.Module | None  # None once the caption embeddings are cached
+    noise_scheduler: DDPMScheduler
+    scaling_factor: float
+    trained: list  # the prepared modules holding LoRA layers, for gradient accumulation
+
+
+def train_micro_batch(batch: dict, step: int, cfg, accelerator: Accelerator, models: StepModels, network,
+                      optimizer) -> tuple[float, bool]:
+    """Forward and backward of one micro-batch; at the end of an accumulation window, the update, which is
+    skipped when the loss or a gradient is not finite. Returns (the loss averaged over processes, finite)."""
+    with accelerator.accumulate(*models.trained):
+        randomness = SampleRandomness(cfg.seed, step, batch["index"], accelerator.device)
+        latents = batch_latents(batch, models.vae, models.scaling_factor, randomness)
+        states = batch_text_embeddings(batch, models.text_encoder)
+        loss = diffusion_loss(latents, states, models.unet, models.noise_scheduler, randomness, cfg.snr_gamma,
+                              cfg.noise_offset)
+        accelerator.backward(loss)
+        finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(), accelerator)
+        if finite:
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return accelerator.gather(loss.detach()).mean().item(), finite
+
+
 class LossLog:
     """One JSON line per optimizer step, flushed at once: what each attempt of a run saw, step by step."""
 
@@ -766,6 +798,7 @@ def main(cfg: argparse.Namespace) -> Path:
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
     unet = trained[0]
     text_encoder = trained[1] if cfg.train_text_encoder else text_encoder
+    models = StepModels(unet, vae, text_encoder, noise_scheduler, scaling_factor, trained)
     steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
@@ -806,21 +839,7 @@ def main(cfg: argparse.Namespace) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             epoch_losses = []
             for batch in batches:
-                with accelerator.accumulate(*trained):
-                    randomness = SampleRandomness(cfg.seed, step, batch["index"], accelerator.device)
-                    latents = batch_latents(batch, vae, scaling_factor, randomness)
-                    states = batch_text_embeddings(batch, text_encoder)
-                    loss = diffusion_loss(latents, states, unet, noise_scheduler, randomness, cfg.snr_gamma,
-                                          cfg.noise_offset)
-                    accelerator.backward(loss)
-                    finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(),
-                                                                                 accelerator)
-                    if finite:
-                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_value = accelerator.gather(loss.detach()).mean().item()
+                loss_value, finite = train_micro_batch(batch, step, cfg, accelerator, models, network, optimizer)
                 epoch_losses.append(loss_value)
                 if not accelerator.sync_gradients:
                     continue
