@@ -23,6 +23,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from lora_diffusion import atomic_write
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -265,11 +267,7 @@ def read_check_cache(path: str | Path | None) -> dict:
 
 
 def write_check_cache(path: str | Path, cache: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(cache), encoding="utf-8")
-    temporary.replace(path)
+    atomic_write(path, json.dumps(cache).encode("utf-8"))
 
 
 def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool,

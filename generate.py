@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
-from sampling import make_grid  # noqa: E402
+from sampling import make_grid, prompt_lines  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -68,17 +68,7 @@ def read_prompts(cfg) -> list[str]:
         if not cfg.prompt.strip():
             raise ConfigError("--prompt is empty; give a prompt or a --prompts_file")
         return [cfg.prompt]
-    path = Path(cfg.prompts_file)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"--prompts_file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--prompts_file {path} is not UTF-8 text; re-save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--prompts_file {path} has no prompts (one per line; # starts a comment)")
-    return prompts
+    return [line for _, line in prompt_lines(cfg.prompts_file, "--prompts_file")]
 
 
 def check_config(cfg) -> list[tuple[Path, float]]:

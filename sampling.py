@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 OPTION = re.compile(r"\s--([a-z]+)\s+")
 
 
-class PromptFileError(ValueError):
-    """A prompts file line that cannot be used; the message names the file, the line and the fix."""
+class PromptFileError(ConfigError):
+    """A prompts file (or a line of it) that cannot be used; the message names the file, the line and the fix."""
 
 
 @dataclass(frozen=True)
@@ -63,21 +65,28 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, where: str) -> SamplePr
     return sample
 
 
-def read_prompts_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
-    """Every prompt of the file (seed defaults to the base seed + line index), checked before training starts."""
+def prompt_lines(path: str | Path, option: str) -> list[tuple[int, str]]:
+    """(line number, text) of every prompt line of a UTF-8 file: blank lines and `#` comments left out.
+    `option` (the setting that named the file) starts every error message."""
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
-        raise PromptFileError(f"sample_prompts_file {path} does not exist") from None
+        raise PromptFileError(f"{option} {path} does not exist") from None
     except UnicodeDecodeError:
-        raise PromptFileError(f"sample_prompts_file {path} is not UTF-8 text; re-save it as UTF-8") from None
+        raise PromptFileError(f"{option} {path} is not UTF-8 text; re-save it as UTF-8") from None
+    numbered = [(number, line.strip()) for number, line in enumerate(lines, start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
+        raise PromptFileError(f"{option} {path} has no prompts (one per line; # starts a comment)")
+    return numbered
+
+
+def read_prompts_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
+    """Every prompt of the file (seed defaults to the base seed + line index), checked before training starts."""
     prompts = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            seeded = replace(defaults, seed=defaults.seed + len(prompts))
-            prompts.append(parse_prompt_line(line, seeded, f"{Path(path).name} line {number}"))
-    if not prompts:
-        raise PromptFileError(f"sample_prompts_file {path} has no prompts (one per line; # starts a comment)")
+    for number, line in prompt_lines(path, "sample_prompts_file"):
+        seeded = replace(defaults, seed=defaults.seed + len(prompts))
+        prompts.append(parse_prompt_line(line, seeded, f"{Path(path).name} line {number}"))
     return prompts
 
 

@@ -106,7 +106,7 @@ from checkpoints import (  # noqa: E402
 )
 from dataset import CustomDataset, DatasetError  # noqa: E402
 from report import write_report  # noqa: E402
-from sampling import PromptFileError, SamplePrompt, read_prompts_file, sample_images  # noqa: E402
+from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from lora_diffusion import (  # noqa: E402
     LORA_FILE_NAME, UNET_TARGETS, LoRAError, check_interop, inject_trainable_lora, write_interop_report,
 )
@@ -918,7 +918,7 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(message)s")
     try:
         main(parse_config())
-    except (ConfigError, DatasetError, LoRAError, CheckpointError, PromptFileError) as error:
+    except (ConfigError, DatasetError, LoRAError, CheckpointError) as error:  # prompt-file errors are ConfigErrors
         sys.exit(f"error: {error}")
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
