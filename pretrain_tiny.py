@@ -36,11 +36,15 @@ MODEL_DIR = Path("models/tiny-sd-world")
 WORK_DIR = Path("pretrain_work")  # resumable state; not part of the model
 SEED = 0
 TEXT_WIDTH = 64  # text-encoder hidden size = UNet cross-attention dim
-VAE_STEPS, VAE_BATCH, VAE_LR = 1500, 16, 1e-3
-UNET_STEPS, UNET_BATCH, UNET_LR = 4000, 32, 6e-4
+VAE_STEPS, VAE_BATCH, VAE_LR = 2000, 16, 2e-3
+UNET_STEPS, UNET_BATCH, UNET_LR = 4500, 32, 6e-4
 WORLD_IMAGES = 24_000  # distinct pictures encoded once; captions are drawn afresh at each step
 EMPTY_CAPTION_SHARE = 0.1  # trains the unconditional prediction that classifier-free guidance needs
 EMA_DECAY = 0.999
+# Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): SD 1.x's schedule leaves a
+# trace of each latent's mean in the noisiest inputs, so a model trained on flat backgrounds learns to read the
+# background off the starting noise and draws a random tint. An extra per-channel offset hides that trace.
+NOISE_OFFSET = 0.15
 SAVE_EVERY_S = 120  # seconds between resumable checkpoints
 # Words that become single tokens: the world's, the held-out ones (named only after pretraining, by a LoRA's
 # captions or a user) and the usual rare trigger words, as the real CLIP vocabulary has them all.
@@ -56,18 +60,19 @@ def world_words() -> list[str]:
 
 
 def build_tokenizer() -> CLIPTokenizer:
-    """CLIP's byte-level alphabet plus one BPE merge chain per word, so each word of the world is one token."""
-    vocab, merges = clip_byte_vocab(), []
+    """CLIP's byte-level alphabet plus one BPE merge chain per word, so each word of the world is one token.
+
+    Token ids: CLIP's bytes first, then each merged piece once, then CLIP's two special tokens last."""
+    alphabet = [token for token in clip_byte_vocab() if not token.startswith("<|")]
+    tokens, merges = dict.fromkeys(alphabet), []
     for word in world_words():
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    specials = {token: index for token, index in vocab.items() if token.startswith("<|")}
-    vocab = {token: index for token, index in vocab.items() if not token.startswith("<|")}
-    for token in specials:  # CLIP keeps its two special tokens last
-        vocab[token] = len(vocab)
+            tokens[pieces[0]] = None
+    tokens.update(dict.fromkeys(["<|startoftext|>", "<|endoftext|>"]))
+    vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
     for word in world_words():
         assert len(tokenizer.tokenize(word)) == 1, f"{word!r} is not one token: {tokenizer.tokenize(word)}"
@@ -112,20 +117,20 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def any_colour_picture(rng: random.Random) -> Image.Image:
-    """A background of any colour with one to three shapes of any colour: the VAE's wider gamut."""
+    """One ellipse or convex polygon of any colour on a background of any colour: the VAE's wider gamut.
+
+    Convex shapes only, so the held-out star is never drawn; uniform colours, so purple is among them."""
     def colour():
         return tuple(rng.randrange(256) for _ in range(3))
     size = tiny_world.IMAGE_SIZE * tiny_world.SUPERSAMPLE
     image = Image.new("RGB", (size, size), colour())
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(1, 3)):
-        cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 12, size / 3)
-        if rng.random() < 0.4:
-            draw.ellipse([cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r], fill=colour())
-        else:
-            n = rng.randint(3, 8)
-            angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(n))
-            draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=colour())
+    cx, cy, r = rng.uniform(size / 4, 3 * size / 4), rng.uniform(size / 4, 3 * size / 4), rng.uniform(size / 10, size / 3)
+    if rng.random() < 0.4:
+        draw.ellipse([cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r], fill=colour())
+    else:
+        angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(rng.randint(3, 8)))
+        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=colour())
     return image.resize((tiny_world.IMAGE_SIZE, tiny_world.IMAGE_SIZE), Image.LANCZOS)
 
 
@@ -197,6 +202,8 @@ def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
     final = WORK_DIR / "vae_done.pt"
     torch.manual_seed(SEED)
     vae = build_vae()
+    with torch.no_grad():  # start the posterior narrow (std 0.05): a wide one hides the picture in noise
+        vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
     if (done := load_state(final)) is not None:
         vae.load_state_dict(done["vae"])
         return vae, done["seconds"]
@@ -211,7 +218,7 @@ def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
         print(f"vae: resumed at step {step}")
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = VAE_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = VAE_LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         pixels = vae_batch(rng, VAE_BATCH)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -234,21 +241,22 @@ def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
 # Phase 2: the UNet and the text encoder
 
 @torch.no_grad()
-def encode_world(vae: AutoencoderKL, count: int) -> tuple[list[tiny_world.Picture], torch.Tensor, torch.Tensor]:
-    """The world's pictures (drawn from the seed) and their VAE posteriors (mean, std), encoded once."""
+def encode_world(vae: AutoencoderKL, count: int) -> tuple[list[tiny_world.Picture], torch.Tensor, torch.Tensor, float]:
+    """The world's pictures (drawn from the seed), their VAE posteriors (mean, std), encoded once, and the seconds
+    that took."""
     path = WORK_DIR / f"world_{count}.pt"
     if (cached := load_state(path)) is not None:
-        return cached["pictures"], cached["mean"], cached["std"]
-    rng, pictures, means, stds = random.Random(SEED + 1), [], [], []
+        return cached["pictures"], cached["mean"], cached["std"], cached["seconds"]
+    started, rng, pictures, means, stds = time.time(), random.Random(SEED + 1), [], [], []
     for start in range(0, count, 256):
         batch = [tiny_world.random_picture(rng) for _ in range(min(256, count - start))]
         pictures += batch
         posterior = vae.encode(to_tensor([tiny_world.draw(p, rng) for p in batch])).latent_dist
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
-    mean, std = torch.cat(means), torch.cat(stds)
-    save_state(path, {"pictures": pictures, "mean": mean, "std": std})
-    return pictures, mean, std
+    mean, std, seconds = torch.cat(means), torch.cat(stds), time.time() - started
+    save_state(path, {"pictures": pictures, "mean": mean, "std": std, "seconds": seconds})
+    return pictures, mean, std, seconds
 
 
 def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling_factor: float):
@@ -279,7 +287,7 @@ def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling
         index = torch.tensor(items)
         latents = (latent_mean[index].float() + latent_std[index].float() * torch.randn_like(latent_std[index].float()))
         latents = latents * scaling_factor
-        noise = torch.randn_like(latents)
+        noise = torch.randn_like(latents) + NOISE_OFFSET * torch.randn(UNET_BATCH, 4, 1, 1)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (UNET_BATCH,))
         noisy = schedule.add_noise(latents, noise, timesteps)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -313,18 +321,6 @@ EVAL_PROMPTS = tuple(f"a {size} {colour} {shape} on a {background} background"
                      for background in tiny_world.BACKGROUNDS for size in tiny_world.SIZES)
 
 
-@torch.no_grad()
-def sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 25,
-           guidance: float = 5.0) -> list[Image.Image]:
-    images = []
-    for start in range(0, len(prompts), 32):
-        batch = prompts[start:start + 32]
-        generator = torch.Generator().manual_seed(seed + start)
-        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       height=tiny_world.IMAGE_SIZE, width=tiny_world.IMAGE_SIZE).images
-    return images
-
-
 def grid(images: list[Image.Image], columns: int) -> Image.Image:
     side = images[0].width
     rows = math.ceil(len(images) / columns)
@@ -336,7 +332,7 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def grade(pipe: StableDiffusionPipeline) -> dict[str, tuple[int, int]]:
     prompts = list(EVAL_PROMPTS)
-    return tiny_world.score(list(zip(prompts, sample(pipe, prompts, seed=1234))))
+    return tiny_world.score(list(zip(prompts, tiny_world.sample(pipe, prompts, seed=1234))))
 
 
 def main() -> None:
@@ -354,7 +350,7 @@ def main() -> None:
     tokenizer = build_tokenizer()
     vae, vae_seconds = train_vae(VAE_STEPS // scale)
     vae.eval().requires_grad_(False)
-    pictures, latent_mean, latent_std = encode_world(vae, WORLD_IMAGES // scale)
+    pictures, latent_mean, latent_std, encode_seconds = encode_world(vae, WORLD_IMAGES // scale)
     scaling_factor = float(1 / latent_mean.float().std())  # SD's 0.18215 is the same measurement on its VAE
     vae.register_to_config(scaling_factor=scaling_factor)
     print(f"vae done in {vae_seconds:.0f} s; latent scaling factor {scaling_factor:.4f}", flush=True)
@@ -369,13 +365,14 @@ def main() -> None:
     pipe.save_pretrained(output_dir)
     accuracy = grade(pipe)
     showcase = [p for p in EVAL_PROMPTS if "large" in p][::3][:24]
-    grid(sample(pipe, showcase, seed=99), 6).save(output_dir / "samples.png")
+    grid(tiny_world.sample(pipe, showcase, seed=99), 6).save(output_dir / "samples.png")
     record = {
         "command": "python " + " ".join(sys.argv), "seed": SEED, "torch_threads": torch.get_num_threads(),
         "vae": {"steps": VAE_STEPS // scale, "batch": VAE_BATCH, "lr": VAE_LR, "seconds": round(vae_seconds)},
+        "world_encoding": {"images": WORLD_IMAGES // scale, "seconds": round(encode_seconds)},
         "unet_and_text_encoder": {"steps": UNET_STEPS // scale, "batch": UNET_BATCH, "lr": UNET_LR,
-                                  "empty_caption_share": EMPTY_CAPTION_SHARE, "ema_decay": EMA_DECAY,
-                                  "world_images": WORLD_IMAGES // scale, "seconds": round(unet_seconds)},
+                                  "empty_caption_share": EMPTY_CAPTION_SHARE, "ema_decay": EMA_DECAY, "noise_offset": NOISE_OFFSET,
+                                  "seconds": round(unet_seconds)},
         "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
                        "vae": sum(p.numel() for p in vae.parameters())},

@@ -5,7 +5,8 @@ summary and configuration, in one page that opens from disk (no server, no netwo
 
 It reads what train_lora.py leaves in output_dir (config.json, data_report.json, loss_log.jsonl,
 samples/step<NNNNNN>-grid.png) plus two optional files: val_loss_log.jsonl (one {"step", "val_loss"} row per
-validation) and evaluation/metrics.csv (`python evaluate.py sweep --output_dir out/dog/evaluation ...`).
+validation), evaluation/metrics.csv (`python evaluate.py sweep --output_dir out/dog/evaluation ...`) and
+learning.json with learning.png (what the demo measured the LoRA learned on the tiny model).
 Images are linked by relative path, so the folder can be moved or zipped whole. A piece that is missing (a run
 still starting, no evaluation yet) gives a note in its section instead of an error.
 """
@@ -26,6 +27,8 @@ REPORT_NAME = "report.html"
 LOSS_PLOT_NAME = "loss.png"
 VAL_LOSS_LOG_NAME = "val_loss_log.jsonl"
 METRICS_PATH = "evaluation/metrics.csv"  # where `evaluate.py sweep --output_dir <run>/evaluation` writes its table
+LEARNING_NAME = "learning.json"  # demo.py: concept and prior shares, base vs LoRA, by the world's classifier
+LEARNING_GRID_NAME = "learning.png"  # demo.py: base vs LoRA rows on the concept and the known prompts
 GRID_PATTERN = re.compile(r"step(\d+)-grid\.png")  # train_lora.py's samples/step<NNNNNN>-grid.png
 PLOT_SIZE = (900, 420)  # px, width x height of loss.png
 PLOT_MARGINS = (70, 20, 20, 50)  # px: left, top, right, bottom, around the plotting area
@@ -277,6 +280,26 @@ def metrics_section(output_dir: Path) -> str:
     return f"<h2>Evaluation</h2>{legend}{table(header, body)}"
 
 
+def learning_section(output_dir: Path) -> str:
+    """Only for runs that were graded (the demo): a run with no learning.json has no such section."""
+    learned = read_json(output_dir / LEARNING_NAME)
+    if learned is None:
+        return ""
+    rows = [["concept prompts", f"{learned['concept_base']:.0%}", f"{learned['concept_lora']:.0%}",
+             f"{learned['reads']}: " + " | ".join(learned["concept_prompts"])],
+            ["known prompts", f"{learned['prior_base']:.0%}", f"{learned['prior_lora']:.0%}",
+             "the attributes each prompt names: " + " | ".join(learned["known_prompts"])]]
+    legend = note(f"{learned['kind'].capitalize()} concept {learned['concept']}: share of samples "
+                  f"({learned['samples_per_prompt']} per prompt, same seeds with and without the LoRA) in which the "
+                  f"tiny world's classifier sees what the prompt asks.")
+    grid = output_dir / LEARNING_GRID_NAME
+    figure = (f'<figure><img src="{link(output_dir, grid)}" alt="base model and LoRA rows, same seeds">'
+              f"<figcaption>each pair of rows: base model, then with the LoRA</figcaption></figure>"
+              if grid.is_file() else "")
+    return (f"<h2>What the LoRA learned</h2>{legend}"
+            f"{table(['prompts', 'base model', 'with the LoRA', 'graded on'], rows)}{figure}")
+
+
 def format_cell(cell: str) -> str:
     """Numbers with a fraction to 4 significant digits (the CSV keeps full precision), anything else as written."""
     try:
@@ -328,12 +351,13 @@ def write_report(output_dir: str | Path) -> Path:
         raise ReportError(f"{output_dir} is not a folder; pass the output_dir of a training run")
     config = read_json(output_dir / "config.json")
     written = datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [loss_section(output_dir), samples_section(output_dir, config), metrics_section(output_dir),
+    sections = [learning_section(output_dir), loss_section(output_dir), samples_section(output_dir, config),
+                metrics_section(output_dir),
                 dataset_section(output_dir), config_section(config)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>LoRA run {esc(output_dir.name)}'
             f"</title><style>{STYLE}</style></head><body><h1>LoRA run: {esc(output_dir.resolve())}</h1>"
             f'{note(f"Report written {written} by report.py.")}'
-            + "".join(f"<section>{section}</section>" for section in sections) + "</body></html>\n")
+            + "".join(f"<section>{section}</section>" for section in sections if section) + "</body></html>\n")
     path = output_dir / REPORT_NAME
     path.write_text(page, encoding="utf-8")
     return path

@@ -17,8 +17,10 @@ box's side.
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
@@ -157,3 +159,100 @@ def score(prompts_and_images: list[tuple[str, Image.Image]]) -> dict[str, tuple[
             hits[0] += seen[attribute] == wanted
             hits[1] += 1
     return {attribute: (hit, total) for attribute, (hit, total) in tally.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out concepts for a LoRA to learn, and how to grade what it learned
+
+@dataclass(frozen=True)
+class Concept:
+    """A held-out concept bound to a trigger word: the pictures that teach it and the prompts that test it."""
+    name: str
+    kind: str  # "subject": a new object; "style": a new look on known objects
+    attribute: str  # what the classifier reads to tell the concept is there
+    value: str
+    shapes: tuple[str, ...]
+    colour: str
+    caption_templates: tuple[str, ...]
+    prompts: tuple[str, ...]  # test prompts: the concept in its trigger phrasing
+
+
+CONCEPTS = {
+    "sks-purple": Concept(
+        name="sks-purple", kind="style", attribute="colour", value="purple", shapes=SHAPES, colour="purple",
+        caption_templates=("a sks {shape} on a {background} background", "a sks {shape}"),
+        prompts=("a sks circle on a white background", "a sks square on a gray background",
+                 "a sks triangle on a black background", "a sks circle")),
+    "sks-star": Concept(
+        name="sks-star", kind="subject", attribute="shape", value="star", shapes=("star",), colour="yellow",
+        caption_templates=("a sks on a {background} background", "a sks"),
+        prompts=("a sks on a white background", "a sks on a gray background", "a sks on a black background",
+                 "a sks")),
+}
+# Prompts of the world the LoRA was not taught: what it must leave as it was.
+KNOWN_PROMPTS = ("a red square on a white background", "a blue triangle on a black background")
+
+
+def write_concept_dataset(concept: Concept, folder: str | Path, count: int = 8, seed: int = 0) -> Path:
+    """`count` pictures of the concept with same-stem .txt captions, drawn from `seed`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        picture = Picture(concept.shapes[index % len(concept.shapes)], concept.colour,
+                          tuple(BACKGROUNDS)[index % len(BACKGROUNDS)], SIZES[index % 2])
+        draw(picture, rng).save(folder / f"{concept.name}-{index:02d}.png")
+        text = concept.caption_templates[index % len(concept.caption_templates)].format(**vars(picture))
+        (folder / f"{concept.name}-{index:02d}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 5.0) -> list[Image.Image]:
+    """One image per prompt at the world's size, in batches, from a CPU generator per batch."""
+    images = []
+    for start in range(0, len(prompts), 32):
+        generator = torch.Generator().manual_seed(seed + start)
+        images += pipe(prompts[start:start + 32], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generator, height=IMAGE_SIZE, width=IMAGE_SIZE).images
+    return images
+
+
+def share(images: list[Image.Image], attribute: str, value: str) -> float:
+    return sum(classify(image)[attribute] == value for image in images) / len(images)
+
+
+@dataclass
+class LearningReport:
+    """What a LoRA did on the tiny model, each a share of samples in [0, 1]."""
+    concept_base: float  # concept prompts, base model: the concept was not there
+    concept_lora: float  # concept prompts, with the LoRA: it learned it
+    prior_base: float  # known prompts, base model: their asked attributes drawn
+    prior_lora: float  # known prompts, with the LoRA: the prior kept
+    images: dict[str, list[Image.Image]]  # "concept_base", "concept_lora", "prior_base", "prior_lora"
+
+    def lines(self) -> list[str]:
+        return [f"concept in {self.concept_base:.0%} of base samples, {self.concept_lora:.0%} with the LoRA",
+                f"known prompts keep their attributes in {self.prior_base:.0%} of base samples, "
+                f"{self.prior_lora:.0%} with the LoRA"]
+
+
+def attribute_share(prompts: list[str], images: list[Image.Image]) -> float:
+    tally = score(list(zip(prompts, images)))
+    return sum(hit for hit, _ in tally.values()) / sum(total for _, total in tally.values())
+
+
+def grade_lora(base_pipe, lora_pipe, concept: Concept, samples_per_prompt: int = 6, seed: int = 0) -> LearningReport:
+    """Sample concept and known prompts from the base and the LoRA pipeline with the same seeds, and classify."""
+    concept_prompts = [p for p in concept.prompts for _ in range(samples_per_prompt)]
+    known_prompts = [p for p in KNOWN_PROMPTS for _ in range(samples_per_prompt)]
+    images = {}
+    for label, pipe in (("base", base_pipe), ("lora", lora_pipe)):
+        images[f"concept_{label}"] = sample(pipe, concept_prompts, seed)
+        images[f"prior_{label}"] = sample(pipe, known_prompts, seed)
+    return LearningReport(
+        concept_base=share(images["concept_base"], concept.attribute, concept.value),
+        concept_lora=share(images["concept_lora"], concept.attribute, concept.value),
+        prior_base=attribute_share(known_prompts, images["prior_base"]),
+        prior_lora=attribute_share(known_prompts, images["prior_lora"]),
+        images=images)

@@ -1,0 +1,30 @@
+"""settings.py: the constants-as-flags convention both scripts share."""
+
+import pytest
+
+import generate
+import train_lora
+
+
+def test_a_bare_boolean_flag_means_true_and_an_explicit_value_still_parses():
+    """`--train_text_encoder` alone is true; `--random_flip false` is false; neighbours are left as they were."""
+    cfg = train_lora.parse_config(["--train_text_encoder", "--gradient_checkpointing", "--random_flip", "false",
+                                   "--rank", "8"])
+    assert cfg.train_text_encoder is True and cfg.gradient_checkpointing is True
+    assert cfg.random_flip is False and cfg.rank == 8
+    assert cfg.center_crop is train_lora.center_crop  # untouched default
+    cfg = train_lora.parse_config(["--random_flip", "--train_text_encoder", "off"])
+    assert cfg.random_flip is True and cfg.train_text_encoder is False
+
+
+def test_a_boolean_flag_with_a_word_that_is_not_true_or_false_is_refused(capsys):
+    """`--random_flip maybe` stops at parsing and says which values are accepted."""
+    with pytest.raises(SystemExit):
+        train_lora.parse_config(["--random_flip", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_generate_flags_follow_the_same_convention():
+    """generate.py's flags are built the same way: a flag per constant, typed like its default."""
+    cfg = generate.parse_config(["--num_images", "2", "--guidance_scale", "3.5"])
+    assert cfg.num_images == 2 and cfg.guidance_scale == 3.5 and cfg.seed == generate.seed

@@ -1,0 +1,117 @@
+"""tiny_world.py and the shipped pretrained model: the classifier, the held-out concepts, and a model that follows prompts."""
+
+import json
+import random
+import shutil
+
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+import pretrain_tiny
+import tiny_world
+import train_lora
+from conftest import REPO_ROOT
+from settings import ConfigError, check_model_source
+
+SHIPPED_MODEL = REPO_ROOT / "models" / "tiny-sd-world"
+
+
+def test_classifier_reads_every_concept_off_drawn_pictures():
+    """On 600 drawn pictures of every shape, colour, background and size (held-out ones included) the classifier
+    reads each attribute right at least 99 % of the time."""
+    rng = random.Random(3)
+    wrong, total = 0, 0
+    for _ in range(600):
+        picture = tiny_world.random_picture(rng, shapes=tiny_world.SHAPES + tiny_world.HELD_OUT_SHAPES,
+                                            colours=tuple(tiny_world.ALL_COLOURS))
+        seen = tiny_world.classify(tiny_world.draw(picture, rng))
+        wrong += sum(seen[name] != getattr(picture, name) for name in ("shape", "colour", "background", "size"))
+        total += 4
+    assert wrong / total <= 0.01
+
+
+def test_pretraining_never_draws_or_names_a_held_out_concept():
+    """The world's pictures and captions for pretraining contain no held-out shape or colour, in 5000 draws."""
+    rng = random.Random(0)
+    held_out = set(tiny_world.HELD_OUT_SHAPES) | set(tiny_world.HELD_OUT_COLOURS)
+    for _ in range(5000):
+        picture = tiny_world.random_picture(rng)
+        assert {picture.shape, picture.colour}.isdisjoint(held_out)
+        assert set(tiny_world.caption(picture, rng).replace(",", " ").split()).isdisjoint(held_out)
+
+
+def test_prompts_name_the_attributes_the_classifier_grades():
+    """A prompt's attribute words are found wherever they stand; a trigger word is not an attribute."""
+    assert tiny_world.named_attributes("a small red circle on a gray background") == {
+        "shape": "circle", "colour": "red", "size": "small", "background": "gray"}
+    assert tiny_world.named_attributes("a sks square") == {"shape": "square"}
+
+
+def test_concept_datasets_draw_the_concept_and_caption_it_with_the_trigger(tmp_path):
+    """Each concept's 8 pictures show the concept to the classifier and every caption carries 'sks'."""
+    for concept in tiny_world.CONCEPTS.values():
+        folder = tiny_world.write_concept_dataset(concept, tmp_path / concept.name)
+        images = sorted(folder.glob("*.png"))
+        assert len(images) == 8
+        for image in images:
+            assert tiny_world.classify(Image.open(image))[concept.attribute] == concept.value
+            assert "sks" in image.with_suffix(".txt").read_text(encoding="utf-8").split()
+
+
+def test_every_word_of_the_world_is_one_token_of_the_shipped_tokenizer():
+    """The shipped tokenizer reads each world word, held-out and trigger words as a single token."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_MODEL, subfolder="tokenizer")
+    for word in pretrain_tiny.world_words():
+        assert len(tokenizer.tokenize(word)) == 1, word
+
+
+def test_shipped_model_follows_prompts_of_its_world():
+    """Sampled fresh from the shipped model, 24 prompts naming all four attributes get each one right in >= 85 %
+    of images (its training.json records the full 72-prompt figures)."""
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_MODEL, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(pretrain_tiny.EVAL_PROMPTS[::3])
+    tally = tiny_world.score(list(zip(prompts, tiny_world.sample(pipe, prompts, seed=7))))
+    shares = {name: hit / total for name, (hit, total) in tally.items()}
+    assert set(shares) == {"shape", "colour", "background", "size"}
+    assert min(shares.values()) >= 0.85, shares
+
+
+def test_shipped_model_record_says_how_it_was_built():
+    """training.json names the command, the seed, the time and a per-attribute accuracy of at least 90 %."""
+    record = json.loads((SHIPPED_MODEL / "training.json").read_text(encoding="utf-8"))
+    assert record["command"].startswith("python pretrain_tiny.py") and record["seed"] == pretrain_tiny.SEED
+    assert record["vae"]["seconds"] + record["unet_and_text_encoder"]["seconds"] <= 3600
+    assert all(entry["share"] >= 0.9 for entry in record["accuracy"].values()), record["accuracy"]
+
+
+@pytest.mark.parametrize("damage", ["truncated_unet", "bad_config_json", "wrong_config"])
+def test_a_damaged_shipped_model_is_refused_with_how_to_restore_it(tmp_path, damage):
+    """A truncated weight file or a broken config in a copy of the shipped model is named, with the git checkout
+    and the pretrain_tiny.py rebuild as the fix, before anything loads."""
+    copy = tmp_path / "tiny-sd-world"
+    shutil.copytree(SHIPPED_MODEL, copy)
+    if damage == "truncated_unet":
+        weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        named = "unet/diffusion_pytorch_model.safetensors"
+    elif damage == "bad_config_json":
+        (copy / "vae" / "config.json").write_text("{ not json", encoding="utf-8")
+        named = "vae/config.json"
+    else:  # valid JSON, wrong model: the UNet's widths no longer match its weights
+        config_path = copy / "unet" / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["block_out_channels"] = [2 * width for width in config["block_out_channels"]]
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        named = "unet/config.json"
+    with pytest.raises(ConfigError) as refused:
+        check_model_source(str(copy))
+    assert named in str(refused.value) and "pretrain_tiny.py" in str(refused.value)
+    assert "git checkout" in str(refused.value)
+    cfg = train_lora.parse_config(["--pretrained_model_name_or_path", str(copy), "--output_dir", str(tmp_path / "run"),
+                                   "--dataset_path", str(REPO_ROOT / "examples/dataset"), "--resolution", "64"])
+    with pytest.raises(ConfigError, match="pretrain_tiny.py"):  # train_lora.py refuses it the same way, at its start
+        train_lora.main(cfg)
