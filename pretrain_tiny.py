@@ -380,7 +380,7 @@ def main() -> None:
         "accuracy": {name: {"correct": hit, "of": total, "share": round(hit / total, 3)}
                      for name, (hit, total) in accuracy.items()},
         "evaluation": f"{len(EVAL_PROMPTS)} prompts 'a SIZE COLOUR SHAPE on a BACKGROUND background', "
-                      "PNDM 25 steps, guidance 5, seed 1234, graded by tiny_world.classify",
+                      "PNDM 25 steps, guidance 3, seed 1234, graded by tiny_world.classify",
         "wall_seconds_this_session": round(time.time() - started),
     }
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
