@@ -6,7 +6,6 @@ A folder without a manifest that matches its files is not a checkpoint: a crash 
 either the previous checkpoints or the new complete one. Nothing here is ever unpickled.
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,7 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from lora_diffusion import LORA_FILE_NAME, LoRANetwork, atomic_write
+from file_utils import atomic_write, sha256_file
+from lora_diffusion import LoRANetwork
+from lora_file import LORA_FILE_NAME
 
 MANIFEST = "manifest.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -29,14 +30,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str, str], optimizer, lr_scheduler,

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lora_diffusion import atomic_write
+from file_utils import atomic_write, sha256_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
@@ -157,7 +157,7 @@ def check_image(path: Path, cache: dict) -> dict:
     cached = cache.get(str(path))
     if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
         return cached
-    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
               "width": 0, "height": 0, "notes": [], "error": None}
     try:
         image, record["notes"] = load_image(path)

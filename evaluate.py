@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 import generate
-from lora_diffusion import LoRAError
+from lora_file import LoRAError
 from settings import ConfigError, check_model_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

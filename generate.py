@@ -38,7 +38,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
+from lora_file import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
 from sampling import make_grid, prompt_lines  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 

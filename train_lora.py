@@ -107,9 +107,9 @@ from checkpoints import (  # noqa: E402
 from dataset import CustomDataset, DatasetError  # noqa: E402
 from report import write_report  # noqa: E402
 from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
-from lora_diffusion import (  # noqa: E402
-    LORA_FILE_NAME, UNET_TARGETS, LoRAError, check_interop, inject_trainable_lora, write_interop_report,
-)
+from interop import check_interop, write_interop_report  # noqa: E402
+from lora_diffusion import UNET_TARGETS, inject_trainable_lora  # noqa: E402
+from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -354,10 +354,10 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
 
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     """AdamW over the LoRA weights: the UNet's at learning_rate, the text encoder's at text_encoder_lr."""
-    groups = [{"params": [p for name, layer in network.layers.items() if name.startswith(prefix)
+    groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
                           for p in (layer.down.weight, layer.up.weight)], "lr": lr}
-              for prefix, lr in (("lora_unet_", cfg.learning_rate),
-                                 ("lora_te_", cfg.text_encoder_lr or cfg.learning_rate))]
+              for model_name, lr in (("unet", cfg.learning_rate),
+                                     ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
     parameters = [group for group in groups if group["params"]]
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import generate
-from lora_diffusion import LoRAError, inject_trainable_lora
+from lora_diffusion import inject_trainable_lora
+from lora_file import LoRAError
 from settings import ConfigError
 
 
