@@ -38,8 +38,8 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from lora_file import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
-from sampling import make_grid, prompt_lines  # noqa: E402
+from lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
+from sampling import make_grid, prompt_texts  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -53,14 +53,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`path` or `path:scale` (the last colon splits, so Windows drive letters survive)."""
-    path, _, scale = spec.rpartition(":")
-    if path and scale:
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    """`PATH` or `PATH:MULTIPLIER` (see lora_file.parse_path_number); the multiplier defaults to 1, as trained."""
+    return parse_path_number(spec, default=1.0)
 
 
 def read_prompts(cfg) -> list[str]:
@@ -68,7 +62,7 @@ def read_prompts(cfg) -> list[str]:
         if not cfg.prompt.strip():
             raise ConfigError("--prompt is empty; give a prompt or a --prompts_file")
         return [cfg.prompt]
-    return [line for _, line in prompt_lines(cfg.prompts_file, "--prompts_file")]
+    return prompt_texts(cfg.prompts_file, "--prompts_file")
 
 
 def check_config(cfg) -> list[tuple[Path, float]]:

@@ -81,6 +81,11 @@ def prompt_lines(path: str | Path, option: str) -> list[tuple[int, str]]:
     return numbered
 
 
+def prompt_texts(path: str | Path, option: str) -> list[str]:
+    """The prompt lines of a file as written (generate.py's and evaluate.py's --prompts_file)."""
+    return [line for _, line in prompt_lines(path, option)]
+
+
 def read_prompts_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
     """Every prompt of the file (seed defaults to the base seed + line index), checked before training starts."""
     prompts = []
