@@ -366,7 +366,7 @@ def _submodule(model: nn.Module | None, model_name: str, module_path: str) -> nn
 def lora_deltas(
     path: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """Read any SD 1.x LoRA file and return {(model, module path): delta weight at scale 1} with model in
+    """Read any SD 1.x LoRA file and return {(model, module path): delta weight at multiplier 1} with model in
     {"unet", "text_encoder"}, each delta shaped like the module's weight. Understands both layouts (see
     read_lora_modules). Every module must exist in the given models with the right shape, or the file is refused."""
     modules, _ = read_lora_modules(path)
@@ -389,14 +389,15 @@ def lora_deltas(
 
 
 @torch.no_grad()
-def fuse_lora_file(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None, scale: float = 1.0) -> int:
-    """Add `scale` x the file's deltas into the model weights (sampling then costs what the base model costs).
+def fuse_lora_file(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None,
+                   multiplier: float = 1.0) -> int:
+    """Add `multiplier` x the file's deltas into the model weights (sampling then costs what the base model costs).
     Returns the number of modules changed."""
     deltas = lora_deltas(path, unet, text_encoder)
     models = {"unet": unet, "text_encoder": text_encoder}
     for (model_name, module_path), delta in deltas.items():
         weight = _submodule(models[model_name], model_name, module_path).weight
-        weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
+        weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))
     return len(deltas)
 
 
