@@ -205,7 +205,7 @@ def _diffusers_check(path: Path, models: dict[str, nn.Module], names: list[str],
                                                                 metadata=adapter_metadata)
     except Exception as error:  # whatever diffusers raises, its refusal is the finding
         return f"diffusers refused the file: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
-    loaded = {kohya_name(model_name, our_path(model_name, p)) for model_name, model in bases.items()
+    loaded = {kohya_name(model_name, p) for model_name, model in bases.items()
               for p, module in model.named_modules() if isinstance(module, LoraLayer)}
     unused, extra = sorted(set(names) - loaded), sorted(loaded - set(names))
     mismatches = ([f"left {len(unused)} module(s) of the file unused: {first_few(unused)}"] if unused else []) \
@@ -230,7 +230,7 @@ def _module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 def _kohya_spelling(name: str) -> str:
     """`unet.<path>` -> `lora_unet_<path with _>` (`text_encoder.` likewise); other names as they are."""
     model_name, dot, module_path = name.partition(".")
-    return kohya_name(model_name, our_path(model_name, module_path)) if dot and model_name in MODEL_NAMES else name
+    return kohya_name(model_name, module_path) if dot and model_name in MODEL_NAMES else name
 
 
 def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None) -> dict:
