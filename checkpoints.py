@@ -6,7 +6,6 @@ A folder without a manifest that matches its files is not a checkpoint: a crash 
 either the previous checkpoints or the new complete one. Nothing here is ever unpickled.
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,7 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from lora_diffusion import LORA_FILE_NAME, LoRANetwork, atomic_write
+from file_utils import atomic_write, sha256_file
+from lora_diffusion import LoRANetwork
+from lora_file import LORA_FILE_NAME
+from settings import ConfigError
 
 MANIFEST = "manifest.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -29,14 +31,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str, str], optimizer, lr_scheduler,
@@ -146,3 +140,56 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler)
     torch.set_rng_state(tensors["rng.torch"])
     state["extra_tensors"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, and whether it belongs to this run
+
+def run_identity(cfg, names: tuple[str, ...], num_processes: int) -> dict:
+    """The settings (`names`, train_lora.RUN_DEFINING) a resumed run must share with the original to finish with
+    the same LoRA, and the process count."""
+    identity = {name: getattr(cfg, name) for name in names}
+    identity["num_processes"] = num_processes
+    return identity
+
+
+def resolve_resume(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
+    """The checkpoint to continue from ("" for a new run, "latest", or a folder), or None for a new run (which must
+    not overwrite an earlier one)."""
+    if not resume_from_checkpoint:
+        # Valid checkpoints only: a run killed before its first checkpoint completed can simply start again.
+        earlier = [c for c in list_checkpoints(output_dir) if check_checkpoint(c) is None]
+        earlier += list(output_dir.glob(LORA_FILE_NAME))
+        if earlier:
+            raise ConfigError(f"{output_dir} already holds a run ({earlier[-1].name}); continue it with "
+                              f"--resume_from_checkpoint latest, or start a new run in another --output_dir")
+        return None
+    if resume_from_checkpoint == "latest":
+        folder = latest_valid_checkpoint(output_dir)
+        if folder is None:
+            raise ConfigError(f"--resume_from_checkpoint latest: no valid checkpoint in {output_dir}; "
+                              f"drop the flag to start a new run, or point --output_dir at the old run")
+        return folder
+    folder = Path(resume_from_checkpoint)
+    problem = check_checkpoint(folder)
+    if problem:
+        raise ConfigError(f"--resume_from_checkpoint {folder}: not a usable checkpoint ({problem}); "
+                          f"use 'latest' or another checkpoint-<step> folder")
+    return folder
+
+
+def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str, allow_changes: bool) -> None:
+    """Refuse to resume a checkpoint made with other settings or data, listing the differences."""
+    state = read_state(folder)
+    saved = state.get("run_identity", {})
+    differences = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
+                   for name, value in identity.items() if saved.get(name) != value]
+    if state.get("dataset_fingerprint") != dataset_fingerprint:
+        differences.append("dataset: images or captions differ from the checkpoint's")
+    if not differences:
+        return
+    listing = "\n  ".join(differences)
+    if not allow_changes:
+        raise ConfigError(f"cannot resume {folder} exactly; these differ:\n  {listing}\nUse the original settings "
+                          f"and data, or pass --resume_despite_changes true to continue anyway (no longer exact)")
+    log.warning(f"warning: resuming {folder} despite changes; the run is no longer exact:\n  {listing}")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lora_diffusion import atomic_write
+from file_utils import atomic_write, sha256_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
@@ -157,7 +157,7 @@ def check_image(path: Path, cache: dict) -> dict:
     cached = cache.get(str(path))
     if cached and cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
         return cached
-    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
               "width": 0, "height": 0, "notes": [], "error": None}
     try:
         image, record["notes"] = load_image(path)
@@ -234,6 +234,36 @@ def bucket_size(width: int, height: int, resolution: int, upscale: bool) -> tupl
     bucket_w = max(BUCKET_STEP, int(math.sqrt(area * ratio)) // BUCKET_STEP * BUCKET_STEP)
     bucket_h = max(BUCKET_STEP, int(math.sqrt(area / ratio)) // BUCKET_STEP * BUCKET_STEP)
     return bucket_w, bucket_h
+
+
+class BucketBatchSampler:
+    """Batches of items that share a training size, shuffled with permutations derived from (seed, epoch) alone,
+    so a resumed run replays the same batches.
+
+    Each bucket's items are shuffled and cut into batches; `processes` consecutive batches form one optimizer
+    step's global batch, and global batches are shuffled as units. So N processes with batch B see, step by step,
+    the same samples as one process with batch N x B.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, processes: int = 1):
+        self.sizes, self.batch_size, self.seed, self.processes, self.epoch = sizes, batch_size, seed, processes, 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        units = []
+        for size in sorted(set(self.sizes)):
+            items = [i for i, item_size in enumerate(self.sizes) if item_size == size]
+            shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+            batches = [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+            units += [batches[i:i + self.processes] for i in range(0, len(batches), self.processes)]
+        order = torch.randperm(len(units), generator=generator).tolist()
+        return iter([batch for i in order for batch in units[i]])
+
+    def __len__(self) -> int:
+        return sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes).values())
 
 
 def check_caption_extension(files: list[Path], images: list[Path], caption_extension: str, root: Path) -> None:
@@ -433,6 +463,12 @@ class CustomDataset(Dataset):
         return path
 
 
+def caption_token_counts(captions: list[str], tokenizer) -> tuple[list[int], int]:
+    """(CLIP token count of each caption, how many exceed the tokenizer's limit): those lose their end in training."""
+    lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
+    return lengths, sum(n > tokenizer.model_max_length for n in lengths)
+
+
 def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".txt",
                   tokenizer=None) -> str:
     """What a user should know about a dataset folder before spending GPU hours on it, as readable text."""
@@ -474,8 +510,8 @@ def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".
                  + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])))
     captions = [e.caption for e in data.examples if e.caption]
     if tokenizer is not None and captions:
-        lengths = sorted(len(ids) for ids in tokenizer(captions, verbose=False).input_ids)
-        too_long = sum(n > tokenizer.model_max_length for n in lengths)
+        lengths, too_long = caption_token_counts(captions, tokenizer)
+        lengths = sorted(lengths)
         lines.append(f"  caption tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
                      f"{too_long} over the {tokenizer.model_max_length}-token limit (truncated in training)")
     elif captions:

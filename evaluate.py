@@ -34,12 +34,12 @@ from PIL import Image
 from torch import nn
 
 import generate
-from lora_diffusion import LoRAError
+from lora_file import LORA_FILE_NAME, LoRAError
+from sampling import prompt_texts
 from settings import ConfigError, check_model_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FEATURE_BATCH_SIZE = 32  # images per forward pass of a feature extractor or of CLIP
-LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what train_lora.py writes in a run and each checkpoint
 METRICS_COLUMNS = ("checkpoint", "scale", "images", "fid", "clip_score", "images_dir")
 
 # Images of any size in, one feature row per image out: (N images) -> (N, D) tensor.
@@ -266,11 +266,6 @@ def clip_score_of_paths(paths: list[Path], prompts: list[str], scorer: ClipScore
     return float(torch.cat(scores).mean())
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per line, `#` comments skipped: the format of generate.py's --prompts_file, read by its reader."""
-    return generate.read_prompts(argparse.Namespace(prompts_file=str(path), prompt=""))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sweep: checkpoints x scales
 
@@ -405,7 +400,7 @@ def run_command(argv: list[str] | None = None) -> None:
         value = fid_of_folders(args.generated, args.reference, InceptionFeatures())
         print(f"FID {value:.4f}  ({args.generated} vs {args.reference})")
     elif args.command == "clip-score":
-        prompts = read_prompts_file(args.prompts_file)
+        prompts = prompt_texts(args.prompts_file, "--prompts_file")
         value = clip_score_of_paths(list_images(args.folder), prompts, ClipScorer.from_pretrained(args.clip_model))
         print(f"CLIP score {value:.4f}  ({args.folder})")
     else:

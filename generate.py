@@ -8,7 +8,7 @@ PNG text chunk, plus one grid per run.
 
 # --- model ---
 pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
-lora = ("output/pytorch_lora_weights.safetensors",)  # PATH or PATH:SCALE, several allowed; empty: base model
+lora = ("output/pytorch_lora_weights.safetensors",)  # PATH or PATH:MULTIPLIER, several allowed; empty: base model
 # --- what to draw ---
 prompt = "a photo of an astronaut"  # what to draw
 prompts_file = ""  # a text file with one prompt per line; replaces `prompt` when set
@@ -38,8 +38,8 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from lora_diffusion import LoRAError, fuse_lora_file, read_lora_file  # noqa: E402
-from sampling import make_grid, prompt_lines  # noqa: E402
+from lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
+from sampling import make_grid, prompt_texts  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -53,14 +53,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`path` or `path:scale` (the last colon splits, so Windows drive letters survive)."""
-    path, _, scale = spec.rpartition(":")
-    if path and scale:
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    """`PATH` or `PATH:MULTIPLIER` (see lora_file.parse_path_number); the multiplier defaults to 1, as trained."""
+    return parse_path_number(spec, default=1.0)
 
 
 def read_prompts(cfg) -> list[str]:
@@ -68,7 +62,7 @@ def read_prompts(cfg) -> list[str]:
         if not cfg.prompt.strip():
             raise ConfigError("--prompt is empty; give a prompt or a --prompts_file")
         return [cfg.prompt]
-    return [line for _, line in prompt_lines(cfg.prompts_file, "--prompts_file")]
+    return prompt_texts(cfg.prompts_file, "--prompts_file")
 
 
 def check_config(cfg) -> list[tuple[Path, float]]:
@@ -102,7 +96,7 @@ def parameters_text(cfg, prompt: str, seed: int, loras: list[tuple[Path, float]]
         lines.append(f"Negative prompt: {cfg.negative_prompt}")
     settings = [f"Steps: {cfg.num_inference_steps}", f"Sampler: {cfg.scheduler}", f"CFG scale: {cfg.guidance_scale}",
                 f"Seed: {seed}", f"Size: {cfg.width}x{cfg.height}", f"Model: {cfg.pretrained_model_name_or_path}"]
-    settings += [f"Lora: {path.name}:{scale}" for path, scale in loras]
+    settings += [f"Lora: {path.name}:{multiplier}" for path, multiplier in loras]
     return "\n".join(lines + [", ".join(settings)])
 
 
@@ -116,10 +110,10 @@ def load_pipeline(cfg, loras: list[tuple[Path, float]]):
         cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     scheduler_class = getattr(diffusers, SCHEDULERS[cfg.scheduler])
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
-    # Fused: W += scale * (alpha / rank) * up @ down, so sampling costs exactly what the base model costs.
-    for path, scale in loras:
-        changed = fuse_lora_file(path, pipeline.unet, pipeline.text_encoder, scale)
-        print(f"LoRA {path} fused at scale {scale} into {changed} modules")
+    # Fused: W += multiplier * (alpha / rank) * up @ down, so sampling costs exactly what the base model costs.
+    for path, multiplier in loras:
+        changed = fuse_lora_file(path, pipeline.unet, pipeline.text_encoder, multiplier)
+        print(f"LoRA {path} fused at multiplier {multiplier} into {changed} modules")
     pipeline.set_progress_bar_config(leave=False)
     return pipeline.to(device)
 

@@ -3,7 +3,7 @@
 Prompts file: one prompt per line; `#` starts a comment line. Options after the prompt, kohya style:
     a photo of sks dog on a beach --n blurry, lowres --d 7 --s 30 --l 6.5 --w 512 --h 768 --m 0.8
     --n negative prompt   --d seed   --s sampler steps   --l guidance scale   --w / --h size (multiples of 8)
-    --m LoRA scale (multiplier; 0 shows the base model)
+    --m LoRA multiplier (the strength; 0 shows the base model)
 """
 
 import logging
@@ -35,11 +35,11 @@ class SamplePrompt:
     guidance_scale: float = 7.5
     width: int = 512
     height: int = 512
-    lora_scale: float = 1.0
+    multiplier: float = 1.0  # the LoRA's strength
 
 
 FIELDS = {"n": ("negative_prompt", str), "d": ("seed", int), "s": ("steps", int), "l": ("guidance_scale", float),
-          "w": ("width", int), "h": ("height", int), "m": ("lora_scale", float)}
+          "w": ("width", int), "h": ("height", int), "m": ("multiplier", float)}
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt, where: str) -> SamplePrompt:
@@ -81,6 +81,11 @@ def prompt_lines(path: str | Path, option: str) -> list[tuple[int, str]]:
     return numbered
 
 
+def prompt_texts(path: str | Path, option: str) -> list[str]:
+    """The prompt lines of a file as written (generate.py's and evaluate.py's --prompts_file)."""
+    return [line for _, line in prompt_lines(path, option)]
+
+
 def read_prompts_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
     """Every prompt of the file (seed defaults to the base seed + line index), checked before training starts."""
     prompts = []
@@ -102,7 +107,7 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 
 def sample_images(pipeline, network, prompts: list[SamplePrompt], folder: Path, step: int, autocast) -> list[Path]:
-    """Draw every prompt (its own LoRA scale, seed, size) and save step<step>-<i>.png plus a grid.
+    """Draw every prompt (its own LoRA multiplier, seed, size) and save step<step>-<i>.png plus a grid.
 
     Sampling must never end a run: any failure is logged with its traceback and the run goes on. The LoRA
     multiplier is put back to 1 and the UNet back in training mode whatever happens.
@@ -115,7 +120,7 @@ def sample_images(pipeline, network, prompts: list[SamplePrompt], folder: Path, 
         unet.eval()
         with torch.no_grad(), autocast():
             for index, sample in enumerate(prompts):
-                network.set_multiplier(sample.lora_scale)
+                network.set_multiplier(sample.multiplier)
                 image = pipeline(sample.prompt, negative_prompt=sample.negative_prompt or None,
                                  num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale,
                                  width=sample.width, height=sample.height,

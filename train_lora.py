@@ -71,6 +71,15 @@ interop_check = True  # after saving, load the file as diffusers, A1111 and Comf
 DEFAULTS = {name: value for name, value in list(globals().items())
             if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))}
 CONFIG_NAMES = list(DEFAULTS)
+# Every setting above defines the run (a resume must share it to continue exactly) except these, which only say
+# where files go, when to save, sample and validate, how fast, and how careful. The data is compared by fingerprint.
+NOT_RUN_DEFINING = ("dataset_path", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+                    "resume_from_checkpoint", "validation_prompts", "sample_prompts_file", "validation_steps",
+                    "validation_split", "validation_dataset_path", "validation_inference_steps",
+                    "validation_guidance_scale", "dataloader_num_workers", "cache_latents", "cache_text_embeddings",
+                    "cache_latents_to_disk", "gradient_checkpointing", "strict_data", "resume_despite_changes",
+                    "max_nonfinite_steps", "interop_check")
+RUN_DEFINING = tuple(name for name in CONFIG_NAMES if name not in NOT_RUN_DEFINING)
 
 import argparse  # noqa: E402  (imports after the config block: the constants are the first thing to read)
 import importlib.util  # noqa: E402
@@ -101,25 +110,18 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_distribution  # noqa: E402
 from checkpoints import (  # noqa: E402
-    CheckpointError, check_checkpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
-    prune_checkpoints, read_state, save_checkpoint,
+    CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
+    prune_checkpoints, resolve_resume, run_identity, save_checkpoint,
 )
-from dataset import CustomDataset, DatasetError  # noqa: E402
+from dataset import BucketBatchSampler, CustomDataset, DatasetError, caption_token_counts  # noqa: E402
 from report import write_report  # noqa: E402
 from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
-from lora_diffusion import (  # noqa: E402
-    LORA_FILE_NAME, UNET_TARGETS, LoRAError, check_interop, inject_trainable_lora, write_interop_report,
-)
+from interop import check_interop, write_interop_report  # noqa: E402
+from lora_diffusion import UNET_TARGETS, inject_trainable_lora  # noqa: E402
+from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-# Settings a resume must share with the original run to continue it exactly.
-RUN_DEFINING = ("pretrained_model_name_or_path", "caption_extension", "fallback_caption", "resolution", "center_crop",
-                "random_flip", "rank", "alpha", "lora_dropout", "train_text_encoder", "train_batch_size",
-                "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
-                "num_train_epochs", "max_grad_norm", "adam_weight_decay", "mixed_precision", "seed", "use_8bit_adam",
-                "aspect_ratio_buckets", "bucket_upscale", "trigger_phrase", "shuffle_tags", "keep_tags",
-                "caption_dropout", "lora_targets", "text_encoder_lr", "snr_gamma", "noise_offset", "ema_decay")
 EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"
 LORA_TARGETS = {"attention": UNET_TARGETS,
                 "all": UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")}
@@ -180,10 +182,19 @@ def check_config(cfg: argparse.Namespace) -> None:
 def load_encoders(name_or_path: str, weight_dtype):
     """Tokenizer, text encoder, VAE and the training noise scheduler; the models frozen in `weight_dtype`."""
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=weight_dtype)
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", dtype=weight_dtype)
+    text_encoder = load_text_encoder(name_or_path, weight_dtype)
+    vae = load_vae(name_or_path, weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
-    return tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), noise_scheduler
+    return tokenizer, text_encoder, vae, noise_scheduler
+
+
+def load_text_encoder(name_or_path: str, weight_dtype) -> CLIPTextModel:
+    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=weight_dtype)
+    return text_encoder.requires_grad_(False)
+
+
+def load_vae(name_or_path: str, weight_dtype) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", dtype=weight_dtype).requires_grad_(False)
 
 
 def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
@@ -195,36 +206,6 @@ def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
 # One training step's pieces
 
 log = logging.getLogger(__name__)
-
-
-class BucketBatchSampler:
-    """Batches of items that share a training size, shuffled with permutations derived from (seed, epoch) alone,
-    so a resumed run replays the same batches.
-
-    Each bucket's items are shuffled and cut into batches; `processes` consecutive batches form one optimizer
-    step's global batch, and global batches are shuffled as units. So N processes with batch B see, step by step,
-    the same samples as one process with batch N x B.
-    """
-
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, processes: int = 1):
-        self.sizes, self.batch_size, self.seed, self.processes, self.epoch = sizes, batch_size, seed, processes, 0
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        units = []
-        for size in sorted(set(self.sizes)):
-            items = [i for i, item_size in enumerate(self.sizes) if item_size == size]
-            shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
-            batches = [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
-            units += [batches[i:i + self.processes] for i in range(0, len(batches), self.processes)]
-        order = torch.randperm(len(units), generator=generator).tolist()
-        return iter([batch for i in order for batch in units[i]])
-
-    def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes).values())
 
 
 def make_collate(tokenizer):
@@ -290,13 +271,23 @@ def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, u
         noise = noise + noise_offset * randomness.randn((latents.shape[1], 1, 1), latents.dtype)
     timesteps = randomness.randint(noise_scheduler.config.num_train_timesteps)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
     if not snr_gamma:
         return F.mse_loss(prediction.float(), target.float())
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma, v_prediction)).mean()
+    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma, predicts_velocity(noise_scheduler))
+    return (per_sample * weights).mean()
+
+
+def predicts_velocity(noise_scheduler) -> bool:
+    return noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet learns to predict: the noise, or the velocity for v-prediction models (Salimans & Ho 2022,
+    arXiv:2202.00512)."""
+    return noise_scheduler.get_velocity(latents, noise, timesteps) if predicts_velocity(noise_scheduler) else noise
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
@@ -354,10 +345,10 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
 
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     """AdamW over the LoRA weights: the UNet's at learning_rate, the text encoder's at text_encoder_lr."""
-    groups = [{"params": [p for name, layer in network.layers.items() if name.startswith(prefix)
+    groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
                           for p in (layer.down.weight, layer.up.weight)], "lr": lr}
-              for prefix, lr in (("lora_unet_", cfg.learning_rate),
-                                 ("lora_te_", cfg.text_encoder_lr or cfg.learning_rate))]
+              for model_name, lr in (("unet", cfg.learning_rate),
+                                     ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
     parameters = [group for group in groups if group["params"]]
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
@@ -403,55 +394,6 @@ def gather_parts(part: dict, accelerator: Accelerator) -> dict:
     return whole
 
 
-def run_identity(cfg, num_processes: int) -> dict:
-    """The settings a resumed run must share with the original to finish with the same LoRA."""
-    identity = {name: getattr(cfg, name) for name in RUN_DEFINING}
-    identity["num_processes"] = num_processes
-    return identity
-
-
-def resolve_resume(cfg) -> Path | None:
-    """The checkpoint to continue from, or None for a new run (which must not overwrite an earlier one)."""
-    output_dir = Path(cfg.output_dir)
-    if not cfg.resume_from_checkpoint:
-        # Valid checkpoints only: a run killed before its first checkpoint completed can simply start again.
-        earlier = [c for c in list_checkpoints(output_dir) if check_checkpoint(c) is None]
-        earlier += list(output_dir.glob(LORA_FILE_NAME))
-        if earlier:
-            raise ConfigError(f"{output_dir} already holds a run ({earlier[-1].name}); continue it with "
-                              f"--resume_from_checkpoint latest, or start a new run in another --output_dir")
-        return None
-    if cfg.resume_from_checkpoint == "latest":
-        folder = latest_valid_checkpoint(output_dir)
-        if folder is None:
-            raise ConfigError(f"--resume_from_checkpoint latest: no valid checkpoint in {output_dir}; "
-                              f"drop the flag to start a new run, or point --output_dir at the old run")
-        return folder
-    folder = Path(cfg.resume_from_checkpoint)
-    problem = check_checkpoint(folder)
-    if problem:
-        raise ConfigError(f"--resume_from_checkpoint {folder}: not a usable checkpoint ({problem}); "
-                          f"use 'latest' or another checkpoint-<step> folder")
-    return folder
-
-
-def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str, allow_changes: bool) -> None:
-    """Refuse to resume a checkpoint made with other settings or data, listing the differences."""
-    state = read_state(folder)
-    saved = state.get("run_identity", {})
-    differences = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
-                   for name, value in identity.items() if saved.get(name) != value]
-    if state.get("dataset_fingerprint") != dataset_fingerprint:
-        differences.append("dataset: images or captions differ from the checkpoint's")
-    if not differences:
-        return
-    listing = "\n  ".join(differences)
-    if not allow_changes:
-        raise ConfigError(f"cannot resume {folder} exactly; these differ:\n  {listing}\nUse the original settings "
-                          f"and data, or pass --resume_despite_changes true to continue anyway (no longer exact)")
-    log.warning(f"warning: resuming {folder} despite changes; the run is no longer exact:\n  {listing}")
-
-
 def resume_command(cfg) -> str:
     """The command line that continues this run: every setting that differs from the constants, plus resume."""
     defaults = dict(DEFAULTS)
@@ -480,8 +422,7 @@ def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, id
 
 def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
     """CLIP reads 77 tokens: say once how many captions lose their end, rather than silently dropping it."""
-    lengths = [len(ids) for ids in tokenizer([e.caption for e in dataset.examples], verbose=False).input_ids]
-    long = sum(length > tokenizer.model_max_length for length in lengths)
+    lengths, long = caption_token_counts([e.caption for e in dataset.examples], tokenizer)
     if long:
         print(f"{long} caption(s) longer than the {tokenizer.model_max_length}-token CLIP limit are truncated "
               f"(longest: {max(lengths)} tokens)")
@@ -593,13 +534,21 @@ class TrainingStopped(Exception):
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, so the validation loss compares across steps and runs
 
 
+def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None) -> CustomDataset:
+    """The images and captions at `path` with the run's data settings: the one place config names map to
+    CustomDataset's parameters."""
+    return CustomDataset(
+        path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+        caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
+        strict=strict, cache_path=cache_path, buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale,
+        trigger_phrase=cfg.trigger_phrase, shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
+        caption_dropout=cfg.caption_dropout)
+
+
 def held_out_dataset(cfg, dataset: CustomDataset) -> CustomDataset | None:
     """The validation images: a folder, or a seeded share split off the training images."""
     if cfg.validation_dataset_path:
-        return CustomDataset(cfg.validation_dataset_path, resolution=cfg.resolution,
-                             caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption,
-                             seed=cfg.seed, trigger_phrase=cfg.trigger_phrase, buckets=cfg.aspect_ratio_buckets,
-                             bucket_upscale=cfg.bucket_upscale).fixed_copy()
+        return make_dataset(cfg, cfg.validation_dataset_path).fixed_copy()
     return dataset.split_off(cfg.validation_split) if cfg.validation_split else None
 
 
@@ -629,8 +578,7 @@ def validation_loss(validation: list, unet, noise_scheduler, seed: int, autocast
             latents = latent.expand_as(noise).to(unet.device, unet.dtype)
             noise = noise.to(unet.device, unet.dtype)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-            target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             states = embedding.expand(len(timesteps), *embedding.shape).to(unet.device, unet.dtype)
             with autocast():
                 prediction = unet(noisy, timesteps, states).sample
@@ -708,10 +656,9 @@ def save_samples(cfg, prompts: list[SamplePrompt], accelerator, unet, network, v
     try:
         dtype = PRECISION_DTYPES[cfg.mixed_precision]
         if vae is None:
-            vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", dtype=dtype)
+            vae = load_vae(cfg.pretrained_model_name_or_path, dtype)
         if text_encoder is None:
-            text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                         dtype=dtype)
+            text_encoder = load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
         pipeline = StableDiffusionPipeline(
             vae=vae.to(accelerator.device), text_encoder=accelerator.unwrap_model(text_encoder).to(accelerator.device),
             tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
@@ -725,6 +672,156 @@ def save_samples(cfg, prompts: list[SamplePrompt], accelerator, unet, network, v
     sample_images(pipeline, network, prompts, Path(cfg.output_dir) / "samples", step, accelerator.autocast)
 
 
+def load_data(cfg, accelerator: Accelerator, output_dir: Path,
+              resume_folder: Path | None) -> tuple[CustomDataset, CustomDataset | None, dict]:
+    """(training images, held-out images or None, run identity). The main process checks the images first and fills
+    the check cache the rest read; a resume is refused here when its settings or data differ from the checkpoint's."""
+    with accelerator.main_process_first():
+        dataset = make_dataset(cfg, cfg.dataset_path, cfg.strict_data, output_dir / ".image_check_cache.json")
+    validation_data = held_out_dataset(cfg, dataset)
+    identity = run_identity(cfg, RUN_DEFINING, accelerator.num_processes)
+    if resume_folder:
+        check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
+    if accelerator.is_main_process:
+        write_run_start(cfg, output_dir, dataset, validation_data)
+    return dataset, validation_data, identity
+
+
+def inject_lora(cfg, unet, text_encoder):
+    """LoRA on the UNet (and the text encoder when it trains), initialised from the seed so every run starts alike."""
+    torch.manual_seed(cfg.seed)
+    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                    targets=LORA_TARGETS[cfg.lora_targets],
+                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
+    if cfg.train_text_encoder:
+        text_encoder.train()
+    return network
+
+
+def make_dataloader(cfg, dataset: CustomDataset, train_data, tokenizer, processes: int):
+    """(the bucket batch sampler, the dataloader over `train_data` it drives)."""
+    sampler = BucketBatchSampler([dataset.sizes[example] for example in dataset.order], cfg.train_batch_size,
+                                 cfg.seed, processes)
+    dataloader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=make_collate(tokenizer),
+                                             num_workers=cfg.dataloader_num_workers)
+    return sampler, dataloader
+
+
+def make_schedule(cfg, optimizer, micro_batches_per_epoch: int):
+    """(optimizer steps per epoch, optimizer steps in the run, the learning-rate scheduler)."""
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    return steps_per_epoch, max_steps, lr_scheduler
+
+
+def stopped_on_request(cfg, step: int, stop: "StopRequest") -> "TrainingStopped":
+    return TrainingStopped(f"stopped on request at step {step}, checkpoint saved. Resume with:\n"
+                           f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
+
+
+def save_lora_files(cfg, network, ema: LoRAEma | None, final_path: Path, metadata: dict[str, str]) -> None:
+    """The final LoRA file, and the EMA weights' beside it when an EMA is kept."""
+    network.save(final_path, metadata)
+    if ema:
+        ema.save(network, Path(cfg.output_dir) / EMA_FILE_NAME, metadata)
+
+
+def make_accelerator(cfg, output_dir: Path) -> Accelerator:
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        project_dir=str(output_dir / "logs"),
+    )
+
+
+def write_run_start(cfg, output_dir: Path, dataset: CustomDataset, validation_data: CustomDataset | None) -> None:
+    """data_report.json, the resolved config.json, and the dataset summary on screen."""
+    held_out = len(validation_data.examples) if validation_data and not cfg.validation_dataset_path else 0
+    dataset.write_report(output_dir / "data_report.json", held_out)
+    (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
+    print(dataset.summary())
+
+
+def prepare_for_training(cfg, accelerator: Accelerator, unet, text_encoder, optimizer, dataloader):
+    """accelerate's prepare on the modules holding LoRA layers, the optimizer and the data; returns the prepared
+    (trained modules, optimizer, dataloader, text encoder), the text encoder prepared only when it trains."""
+    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
+    *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
+    return trained, optimizer, dataloader, trained[1] if cfg.train_text_encoder else text_encoder
+
+
+def resume_training(folder: Path | None, network, optimizer, lr_scheduler, ema: LoRAEma | None,
+                    accelerator: Accelerator) -> tuple[int, int]:
+    """(step, non-finite steps so far): (0, 0) for a new run; else the checkpoint's, with the LoRA weights, optimizer,
+    schedule, RNG and EMA restored."""
+    if folder is None:
+        return 0, 0
+    state = load_checkpoint(folder, network, optimizer, lr_scheduler)
+    saved_ema = state["extra_tensors"]
+    if ema and "ema.0" in saved_ema:
+        ema.shadow = [saved_ema[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.parameters)]
+    elif ema:
+        log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
+    accelerator.print(f"resumed from {folder} at step {state['step']}")
+    return state["step"], state.get("nonfinite_total", 0)
+
+
+def epoch_batches(epoch: int, step: int, steps_per_epoch: int, cfg, accelerator: Accelerator, sampler, train_data,
+                  dataloader):
+    """The micro-batches of `epoch` still to run: its order and augmentations set, and on resume the micro-batches
+    the checkpoint already trained on skipped."""
+    sampler.begin_epoch(epoch)
+    train_data.begin_epoch(epoch)
+    skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+
+
+def log_step(progress, accelerator: Accelerator, loss_log: "LossLog | None", step: int, loss: float, lr: float,
+             finite: bool) -> None:
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
+    if loss_log:
+        loss_log.write(step, loss, lr, skipped=not finite)
+
+
+def report_nonfinite(cfg, progress, step: int, in_row: int, total: int) -> None:
+    """Say that the update was skipped; stop the run when too many come in a row."""
+    progress.write(f"step {step}: non-finite loss or gradient, update skipped ({in_row} in a row, {total} in all)")
+    if in_row >= cfg.max_nonfinite_steps:
+        raise TrainingStopped(
+            f"stopped at step {step}: {in_row} non-finite steps in a row (lower learning_rate, or check the data). "
+            f"Newest valid checkpoint: {latest_valid_checkpoint(Path(cfg.output_dir))}. Resume with:\n"
+            f"  {resume_command(cfg)}", 3)
+
+
+def report_epoch(progress, accelerator: Accelerator, epoch: int, losses: list[float], step: int) -> None:
+    if losses:
+        average = sum(losses) / len(losses)
+        progress.write(f"epoch {epoch}: average loss {average:.4f} over {len(losses)} micro-batches")
+        accelerator.log({"train/epoch_loss": average}, step=step)
+
+
+def summary_text(output_dir: Path, final_path: Path, step: int, start_step: int, elapsed: float, loss: float,
+                 nonfinite_total: int, report_path, dataset: CustomDataset, validation: list,
+                 val_log: "ValidationLog") -> str:
+    """The one-screen summary printed at the end of a run."""
+    steps_done = step - start_step
+    return (f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
+            f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss:.4f}, "
+            f"{nonfinite_total} non-finite step(s) skipped\n"
+            f"  LoRA file:   {final_path}\n"
+            f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
+            f"  samples:     {output_dir / 'samples'}\n"
+            f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
+            f"  report:      {report_path}\n"
+            f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} training images, "
+            f"{len(validation)} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+
+
 def main(cfg: argparse.Namespace) -> Path:
     """Train and return the path of the final LoRA file."""
     # Preflight: settings, base model files, output folder, every image and caption, before any model loads.
@@ -732,30 +829,11 @@ def main(cfg: argparse.Namespace) -> Path:
     prompts = sample_prompts(cfg)
     check_model_source(cfg.pretrained_model_name_or_path)
     output_dir = Path(cfg.output_dir)
-    resume_folder = resolve_resume(cfg)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-        project_dir=str(output_dir / "logs"),
-    )
+    resume_folder = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    accelerator = make_accelerator(cfg, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir)
-    with accelerator.main_process_first():  # the main process checks the images and fills the cache the rest read
-        dataset = CustomDataset(
-            cfg.dataset_path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-            caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
-            strict=cfg.strict_data, cache_path=output_dir / ".image_check_cache.json",
-            buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale, trigger_phrase=cfg.trigger_phrase,
-            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, caption_dropout=cfg.caption_dropout)
-    validation_data = held_out_dataset(cfg, dataset)
-    identity = run_identity(cfg, accelerator.num_processes)
-    if resume_folder:
-        check_resume_matches(resume_folder, identity, dataset.fingerprint(), cfg.resume_despite_changes)
-    if accelerator.is_main_process:
-        held_out = len(validation_data.examples) if validation_data and not cfg.validation_dataset_path else 0
-        dataset.write_report(output_dir / "data_report.json", held_out)
-        (output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
-        print(dataset.summary())
+    dataset, validation_data, identity = load_data(cfg, accelerator, output_dir, resume_folder)
 
     # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
     # before the UNet loads, so the two phases never hold each other's memory.
@@ -768,101 +846,65 @@ def main(cfg: argparse.Namespace) -> Path:
     scaling_factor = vae.config.scaling_factor
     latents, embeddings = encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator)
     validation = encode_validation(validation_data, vae, tokenizer, text_encoder, scaling_factor)
-    if latents is not None:
-        vae = None
-    if embeddings is not None:
-        text_encoder = None
+    vae = None if latents is not None else vae
+    text_encoder = None if embeddings is not None else text_encoder
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
     unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    torch.manual_seed(cfg.seed)
-    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                    targets=LORA_TARGETS[cfg.lora_targets],
-                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
-    if cfg.train_text_encoder:
-        text_encoder.train()
+    network = inject_lora(cfg, unet, text_encoder)
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 
-    # Data, optimizer, schedule.
-    sampler = BucketBatchSampler([dataset.sizes[example] for example in dataset.order], cfg.train_batch_size,
-                                 cfg.seed, accelerator.num_processes)
-    dataloader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
-                                             collate_fn=make_collate(tokenizer),
-                                             num_workers=cfg.dataloader_num_workers)
+    # Data, optimizer, schedule; prepared by accelerate; resumed from the checkpoint, if any.
+    sampler, dataloader = make_dataloader(cfg, dataset, train_data, tokenizer, accelerator.num_processes)
     optimizer = make_optimizer(cfg, network)
-    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
-    *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
+    trained, optimizer, dataloader, text_encoder = prepare_for_training(cfg, accelerator, unet, text_encoder,
+                                                                        optimizer, dataloader)
     unet = trained[0]
-    text_encoder = trained[1] if cfg.train_text_encoder else text_encoder
     models = StepModels(unet, vae, text_encoder, noise_scheduler, scaling_factor, trained)
-    steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
-    step, nonfinite_total = 0, 0
+    steps_per_epoch, max_steps, lr_scheduler = make_schedule(cfg, optimizer, len(dataloader))
     ema = LoRAEma(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
-    if resume_folder:
-        state = load_checkpoint(resume_folder, network, optimizer, lr_scheduler)
-        step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        saved_ema = state["extra_tensors"]
-        if ema and "ema.0" in saved_ema:
-            ema.shadow = [saved_ema[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.parameters)]
-        elif ema:
-            log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
-        accelerator.print(f"resumed from {resume_folder} at step {step}")
-
+    step, nonfinite_total = resume_training(resume_folder, network, optimizer, lr_scheduler, ema, accelerator)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     # The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
     accelerator.init_trackers("lora", config={k: str(v) for k, v in vars(cfg).items()})
     loss_log = LossLog(output_dir / "loss_log.jsonl", started_at) if accelerator.is_main_process else None
+    val_log = ValidationLog(output_dir / "val_loss_log.jsonl") if accelerator.is_main_process else None
     stop = StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     start_time, start_step, loss_value, nonfinite_in_row = time.time(), step, float("nan"), 0
-    val_log = ValidationLog(output_dir / "val_loss_log.jsonl") if accelerator.is_main_process else None
     if step == 0 and accelerator.is_main_process:  # the base model, for comparison
         save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, 0)
         val_log.record(0, validation, accelerator, unet, noise_scheduler, cfg.seed)
     unet.train()
     try:
         while step < max_steps:
-            epoch = step // steps_per_epoch
-            sampler.begin_epoch(epoch)
-            train_data.begin_epoch(epoch)
-            skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
-            batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            epoch_losses = []
-            for batch in batches:
+            epoch, epoch_losses = step // steps_per_epoch, []
+            for batch in epoch_batches(epoch, step, steps_per_epoch, cfg, accelerator, sampler, train_data,
+                                       dataloader):
+                # Forward and backward; the update at the end of an accumulation window.
                 loss_value, finite = train_micro_batch(batch, step, cfg, accelerator, models, network, optimizer)
                 epoch_losses.append(loss_value)
                 if not accelerator.sync_gradients:
                     continue
+                # One optimizer step done: schedule, EMA, counters and logs.
                 lr_scheduler.step()
                 if ema and finite:
                     ema.update()
                 step += 1
                 nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
                 nonfinite_total += 0 if finite else 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                accelerator.log({"train/loss": loss_value, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
-                if loss_log:
-                    loss_log.write(step, loss_value, lr_scheduler.get_last_lr()[0], skipped=not finite)
+                log_step(progress, accelerator, loss_log, step, loss_value, lr_scheduler.get_last_lr()[0], finite)
+                # A skipped (non-finite) update: stop when too many come in a row.
                 if not finite:
-                    progress.write(f"step {step}: non-finite loss or gradient, update skipped "
-                                   f"({nonfinite_in_row} in a row, {nonfinite_total} in all)")
-                    if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                        raise TrainingStopped(
-                            f"stopped at step {step}: {nonfinite_in_row} non-finite steps in a row (lower "
-                            f"learning_rate, or check the data). Newest valid checkpoint: "
-                            f"{latest_valid_checkpoint(output_dir)}. Resume with:\n  {resume_command(cfg)}", 3)
+                    report_nonfinite(cfg, progress, step, nonfinite_in_row, nonfinite_total)
                     continue
+                # Checkpoint and validation loss on schedule, or on a stop request (then stop).
                 stop_now = stop_requested(stop, accelerator)
                 if accelerator.is_main_process and (stop_now or (
                         cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)):
@@ -870,46 +912,31 @@ def main(cfg: argparse.Namespace) -> Path:
                                    nonfinite_total, started_at, ema)
                     val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
                 if stop_now:
-                    raise TrainingStopped(f"stopped on request at step {step}, checkpoint saved. Resume with:\n"
-                                          f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
+                    raise stopped_on_request(cfg, step, stop)
+                # Samples on schedule.
                 if accelerator.is_main_process and cfg.validation_steps and step % cfg.validation_steps == 0:
                     save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
                 if step >= max_steps:
                     break
-            if epoch_losses:
-                average = sum(epoch_losses) / len(epoch_losses)
-                progress.write(f"epoch {epoch}: average loss {average:.4f} over {len(epoch_losses)} micro-batches")
-                accelerator.log({"train/epoch_loss": average}, step=step)
+            report_epoch(progress, accelerator, epoch, epoch_losses, step)
     finally:
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    # Save: the final LoRA file, samples from it, and a one-screen summary.
+    # Save: the final LoRA file (and its EMA twin), samples from it, the interop self-test and a summary.
     accelerator.wait_for_everyone()
     final_path = output_dir / LORA_FILE_NAME
     if accelerator.is_main_process:
-        network.save(final_path, lora_metadata(cfg, dataset, step, started_at))
-        if ema:
-            ema.save(network, output_dir / EMA_FILE_NAME, lora_metadata(cfg, dataset, step, started_at))
+        save_lora_files(cfg, network, ema, final_path, lora_metadata(cfg, dataset, step, started_at))
         save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
         val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
         if cfg.interop_check:
             interop_self_test(final_path, accelerator.unwrap_model(unet),
                               accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
         report_path = write_run_report(output_dir)
-        elapsed = time.time() - start_time
-        steps_done = step - start_step
-        print(f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
-              f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss_value:.4f}, "
-              f"{nonfinite_total} non-finite step(s) skipped\n"
-              f"  LoRA file:   {final_path}\n"
-              f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
-              f"  samples:     {output_dir / 'samples'}\n"
-              f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
-              f"  report:      {report_path}\n"
-              f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} training images, "
-              f"{len(validation)} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+        print(summary_text(output_dir, final_path, step, start_step, time.time() - start_time, loss_value,
+                           nonfinite_total, report_path, dataset, validation, val_log))
     accelerator.end_training()
     return final_path
 

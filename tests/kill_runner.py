@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
-import lora_diffusion  # noqa: E402
+import lora_file  # noqa: E402
 import train_lora  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def plant_save_fault(where: str, target: str, fault: Callable[[], None], patch=s
     mid_prune (while removing an older checkpoint, its manifest already gone). `patch` sets the attribute
     (setattr in a throw-away child, monkeypatch.setattr in a test)."""
     if where in ("before_write", "mid_write"):
-        original_atomic = lora_diffusion.atomic_write
+        original_atomic = lora_file.atomic_write
 
         def atomic_write(path, data):
             if f"{target}.tmp" in str(path):
@@ -60,7 +60,7 @@ def plant_save_fault(where: str, target: str, fault: Callable[[], None], patch=s
                     temporary.write_bytes(data[: len(data) // 2])
                 fault()
             original_atomic(path, data)
-        patch(lora_diffusion, "atomic_write", atomic_write)
+        patch(lora_file, "atomic_write", atomic_write)
     elif where == "before_rename":
         original_rename = Path.rename
 

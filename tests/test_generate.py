@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import generate
-from lora_diffusion import LoRAError, inject_trainable_lora
+from lora_diffusion import inject_trainable_lora
+from lora_file import LoRAError
 from settings import ConfigError
 
 
@@ -96,7 +97,7 @@ def test_prompts_file_gives_num_images_per_prompt(tiny_model_dir, tmp_path):
     ("C:\\loras\\a.safetensors", (Path("C:\\loras\\a.safetensors"), 1.0)),
 ])
 def test_lora_spec_parsing(spec, expected):
-    """PATH[:SCALE]: the last colon splits only when a number follows."""
+    """PATH[:MULTIPLIER]: the last colon splits only when a number follows."""
     assert generate.parse_lora_spec(spec) == expected
 
 

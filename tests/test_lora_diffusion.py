@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_diffusion import (
-    LORA_FILE_NAME, LoRAError, LoRALayer, fuse_lora_file, inject_trainable_lora, lora_deltas, read_lora_file,
-)
+from lora_diffusion import LoRALayer, inject_trainable_lora
+from lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -105,7 +104,7 @@ def test_injection_hits_exactly_every_attention_projection(unet):
     wrapped = sorted(path for path, module in unet.named_modules() if isinstance(module, LoRALayer))
     assert wrapped == expected
     assert len(network.layers) == len(expected) == 6 * 2 * 4  # 6 transformer blocks (2 down, mid, 3 up) x 2 x 4
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0" in network.layers
+    assert ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0") in network.layers
 
 
 def test_injection_is_on_the_forward_path(unet, unet_inputs):
@@ -113,7 +112,7 @@ def test_injection_is_on_the_forward_path(unet, unet_inputs):
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)
     before = unet_output(unet, unet_inputs)
     assert torch.equal(before, unet_output(unet, unet_inputs))
-    for name in [next(iter(network.layers)), "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0"]:
+    for name in [next(iter(network.layers)), ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0")]:
         layer = network.layers[name]
         nn.init.normal_(layer.up.weight)
         assert not torch.allclose(unet_output(unet, unet_inputs), before), name
@@ -142,7 +141,7 @@ def test_text_encoder_names_follow_the_kohya_template(text_encoder):
     from tiny_model import build_unet
 
     network = inject_trainable_lora(build_unet(), text_encoder=text_encoder)
-    te_names = sorted(n for n in network.layers if n.startswith("lora_te_"))
+    te_names = sorted(kohya_name(*key) for key in network.layers if key[0] == "text_encoder")
     expected = sorted(f"lora_te_text_model_encoder_layers_{i}_self_attn_{p}"
                       for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     assert te_names == expected

@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import REPO_ROOT
-from lora_diffusion import (
-    UNET_TARGETS, LoRAError, LoRAModule, check_interop, cli, convert_lora_file, format_inspection,
-    inject_trainable_lora, inspect_lora_file, lora_deltas, lora_module_path, merge_lora_files, read_lora_file,
-    read_lora_modules, resize_lora_file, text_encoder_lora_name, unet_lora_name, write_interop_report,
-    write_lora_file,
+from interop import check_interop, write_interop_report
+from lora_diffusion import UNET_TARGETS, inject_trainable_lora
+from lora_file import (
+    LoRAError, LoRAModule, kohya_name, lora_deltas, lora_module_path, read_lora_file, read_lora_modules,
+    text_encoder_lora_name, unet_lora_name, write_lora_file,
 )
+from lora_tools import cli, convert_lora_file, format_inspection, inspect_lora_file, merge_lora_files, resize_lora_file
 
 CONV_TARGETS = UNET_TARGETS + ("proj_in",)  # proj_in is a 1x1 Conv2d in SD 1.x: 4-D LoRA weights
 
@@ -94,7 +95,7 @@ def test_kohya_to_peft_to_kohya_is_bitwise_and_keeps_every_alpha(unet, text_enco
     """ours -> PEFT -> ours gives the same keys, bitwise the same tensors (alphas included) and metadata."""
     network = inject_trainable_lora(unet, rank=4, alpha=1.0, text_encoder=text_encoder, targets=CONV_TARGETS)
     train_a_little(network)
-    set_alpha(network.layers["lora_unet_mid_block_attentions_0_proj_in"], 3.0)  # alpha != rank, and != the rest
+    set_alpha(network.layers[("unet", "mid_block.attentions.0.proj_in")], 3.0)  # alpha != rank, and != the rest
     original = network.save(tmp_path / "ours.safetensors", metadata={"base_model": "tiny"})
     convert_lora_file(original, tmp_path / "peft.safetensors", "peft")
     convert_lora_file(tmp_path / "peft.safetensors", tmp_path / "back.safetensors", "kohya")
@@ -122,8 +123,8 @@ def test_converted_peft_file_loads_in_diffusers_at_the_trained_strength(tiny_mod
     network = inject_trainable_lora(pipe.unet, rank=4, alpha=1.0, text_encoder=pipe.text_encoder,
                                     targets=CONV_TARGETS)
     train_a_little(network)
-    set_alpha(network.layers["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"], 6.0)
-    set_alpha(network.layers["lora_te_text_model_encoder_layers_1_self_attn_out_proj"], 0.5)
+    set_alpha(network.layers[("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")], 6.0)
+    set_alpha(network.layers[("text_encoder", "encoder.layers.1.self_attn.out_proj")], 0.5)
     expected_unet = unet_output(pipe.unet, unet_inputs)
     with torch.no_grad():
         expected_text = pipe.text_encoder(ids)[0]
@@ -251,7 +252,7 @@ def test_interop_check_passes_on_a_good_file(sd1_layout_unet, text_encoder, tmp_
     network = inject_trainable_lora(sd1_layout_unet, rank=4, alpha=1.0, text_encoder=text_encoder,
                                     targets=CONV_TARGETS + resnets_and_time)
     train_a_little(network)
-    set_alpha(network.layers["lora_unet_down_blocks_2_attentions_1_proj_in"], 3.0)
+    set_alpha(network.layers[("unet", "down_blocks.2.attentions.1.proj_in")], 3.0)
     network.set_multiplier(0.5)  # the check compares at full strength, whatever the network is set to
     path = network.save(tmp_path / "final.safetensors")
     report = check_interop(path, sd1_layout_unet, text_encoder)
@@ -288,7 +289,7 @@ def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(t
     train_a_little(network)
     report = check_interop(network.save(tmp_path / "tiny.safetensors"), unet)
 
-    assert report["a1111_unmatched"] == sorted(name for name in network.layers if name.startswith("lora_unet_up_"))
+    assert report["a1111_unmatched"] == sorted(kohya_name(*key) for key in network.layers if key[1].startswith("up_"))
     assert len(report["a1111_unmatched"]) == 16
     assert report["comfyui_unmatched"] == [] and report["diffusers"] == "ok"
 
@@ -301,7 +302,7 @@ def test_cli_resizes_in_a_subprocess_and_answers_a_bad_weight_with_one_line(unet
     source = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, UNET_TARGETS, 4, 1.0, seed=0), {})
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "lora_diffusion.py", *args], cwd=REPO_ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "lora_tools.py", *args], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=120)
 
     done = run("resize", str(source), str(tmp_path / "r1.safetensors"), "--rank", "1")

@@ -17,6 +17,7 @@ import lora_diffusion
 import train_lora
 from conftest import REPO_ROOT
 from kill_runner import plant_save_fault
+from lora_file import LORA_FILE_NAME, LoRAError
 from settings import ConfigError
 
 KILL_PLAN = [
@@ -108,7 +109,7 @@ def test_crash_inside_save_leaves_previous_checkpoint_as_latest(tiny_model_dir, 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, tmp_path, caplog):
     """A truncated file in the newest checkpoint makes it invalid; latest falls back to the one before, named."""
     train_lora.main(short_run(tiny_model_dir, tmp_path))
-    lora_file = tmp_path / "checkpoint-4" / lora_diffusion.LORA_FILE_NAME
+    lora_file = tmp_path / "checkpoint-4" / LORA_FILE_NAME
     lora_file.write_bytes(lora_file.read_bytes()[:100])
     with caplog.at_level(logging.WARNING):
         assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
@@ -167,8 +168,8 @@ def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, 
     assert "3 non-finite steps in a row" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
     assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert all(torch.isfinite(t).all()
-               for t in load_file(str(tmp_path / "checkpoint-4" / lora_diffusion.LORA_FILE_NAME)).values())
-    assert not (tmp_path / lora_diffusion.LORA_FILE_NAME).exists()
+               for t in load_file(str(tmp_path / "checkpoint-4" / LORA_FILE_NAME)).values())
+    assert not (tmp_path / LORA_FILE_NAME).exists()
 
 
 def test_network_refuses_to_write_non_finite_weights(unet, tmp_path):
@@ -176,7 +177,7 @@ def test_network_refuses_to_write_non_finite_weights(unet, tmp_path):
     network = lora_diffusion.inject_trainable_lora(unet)
     with torch.no_grad():
         network.parameters()[1][0, 0] = float("nan")
-    with pytest.raises(lora_diffusion.LoRAError, match="non-finite"):
+    with pytest.raises(LoRAError, match="non-finite"):
         network.save(tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 

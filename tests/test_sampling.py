@@ -117,6 +117,6 @@ def test_sample_images_restores_the_multiplier_and_training_mode(tmp_path):
 
     network, pipeline = FakeNetwork(), FakePipeline()
     pipeline.unet.train()
-    sampling.sample_images(pipeline, network, [SamplePrompt("x", lora_scale=0.0)], tmp_path, 1,
+    sampling.sample_images(pipeline, network, [SamplePrompt("x", multiplier=0.0)], tmp_path, 1,
                            lambda: torch.autocast("cpu", enabled=False))
     assert network.multiplier == 1.0 and pipeline.unet.training

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import train_lora
 from conftest import REPO_ROOT
-from dataset import CustomDataset, bucket_size
+from dataset import BucketBatchSampler, CustomDataset, bucket_size
 
 
 def shaped_dataset(root, sizes: dict[str, tuple[int, int]]):
@@ -46,7 +46,7 @@ def test_bucket_batches_share_one_shape_and_keep_aspect(tmp_path):
     root = shaped_dataset(tmp_path / "d", {"wide1.png": (256, 128), "wide2.png": (260, 130), "tall.png": (128, 256),
                                            "square.png": (200, 200), "wide3.png": (256, 128)})
     data = CustomDataset(root, resolution=128, buckets=True)
-    sampler = train_lora.BucketBatchSampler([data.sizes[e] for e in data.order], 2, seed=0)
+    sampler = BucketBatchSampler([data.sizes[e] for e in data.order], 2, seed=0)
     batches = list(sampler)
     assert sorted(i for batch in batches for i in batch) == list(range(len(data)))
     for batch in batches:

@@ -1,0 +1,289 @@
+"""Interop self-test: would diffusers, AUTOMATIC1111 and ComfyUI load this LoRA file as the network computes it?
+
+check_interop is meant for the file a training run has just written, with the network still injected;
+write_interop_report saves its answer beside the file as `<name>.interop.json`.
+"""
+
+import copy
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from file_utils import atomic_write
+from lora_diffusion import LoRALayer
+from lora_file import (
+    MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, kohya_name, our_path, parse_lora_tensors,
+    read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
+)
+
+_RESNET_LDM_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_COMFYUI_CLIP_TARGETS = r"layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)"
+_DELTA_TOLERANCE = 1e-4  # file and network deltas are both fp32: they differ by summation order only
+
+
+def _a1111_name(name: str) -> str:
+    """The module name AUTOMATIC1111 (extensions-builtin/Lora, `convert_diffusers_name_to_compvis`) looks up for
+    a kohya SD 1.x name. Its block numbers are fixed to SD 1.x's layout: 3 input and 3 output blocks per level.
+    Other names are looked up unchanged (and miss); conv_in/out and samplers are 3x3 and never carry our LoRA."""
+    found = re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
+    if found:
+        side, level, part, index, rest = found.groups()
+        block = 1 + int(level) * 3 + int(index) if side == "down" else int(level) * 3 + int(index)
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        return f"diffusion_model_{blocks}_{block}_{int(part == 'attentions')}_{_ldm_rest(part, rest, '_')}"
+    found = re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", name)
+    if found:
+        part, index, rest = found.groups()
+        block = 1 if part == "attentions" else 2 * int(index)
+        return f"diffusion_model_middle_block_{block}_{_ldm_rest(part, rest, '_')}"
+    found = re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)", name)
+    if found:
+        return f"diffusion_model_time_embed_{2 * int(found.group(1)) - 2}"
+    found = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", name)
+    if found:
+        return f"transformer_text_model_encoder_layers_{found.group(1)}_{found.group(2)}"
+    return name
+
+
+def _ldm_rest(part: str, rest: str, separator: str) -> str:
+    """The path inside a CompVis block: unchanged in an attention, renamed in a resnet (conv1 -> in_layers.2)."""
+    return rest if part == "attentions" else _RESNET_LDM_NAMES.get(rest, rest).replace(".", separator)
+
+
+def _ldm_unet_path(module_path: str, layers_per_block: int) -> str | None:
+    """Where a diffusers UNet module sits in the original CompVis UNet (ldm openaimodel.py, what A1111 runs),
+    for any number of layers per block: input block 0 is conv_in, each down level has `layers_per_block` blocks
+    and a downsampler, each up level `layers_per_block + 1` blocks, the middle block is resnet, attention, resnet.
+    None for modules outside the resnets, attentions and time embedding."""
+    found = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", module_path)
+    if found:
+        side, level, part, index, rest = found.groups()
+        per_level = layers_per_block + 1
+        block = 1 + int(level) * per_level + int(index) if side == "down" else int(level) * per_level + int(index)
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        return f"{blocks}.{block}.{int(part == 'attentions')}.{_ldm_rest(part, rest, '.')}"
+    found = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", module_path)
+    if found:
+        part, index, rest = found.groups()
+        return f"middle_block.{1 if part == 'attentions' else 2 * int(index)}.{_ldm_rest(part, rest, '.')}"
+    found = re.fullmatch(r"time_embedding\.linear_(\d+)", module_path)
+    return f"time_embed.{2 * int(found.group(1)) - 2}" if found else None
+
+
+def _layer_paths(model: nn.Module | None, model_name: str) -> list[str]:
+    """Our paths of the modules that hold a weight, a LoRALayer standing for the layer it wraps."""
+    if model is None:
+        return []
+    wrapped = {path for path, module in model.named_modules() if isinstance(module, LoRALayer)}
+    paths = wrapped | {path for path, module in model.named_modules()
+                       if isinstance(getattr(module, "weight", None), torch.Tensor)
+                       and path.rpartition(".")[0] not in wrapped}
+    return sorted(our_path(model_name, path) for path in paths)
+
+
+def _a1111_unmatched(names: list[str], unet: nn.Module, text_encoder: nn.Module | None) -> list[str]:
+    """Names A1111 would not apply to their own module: its lookup misses, or lands on another module (its fixed
+    SD 1.x numbering on a UNet with another layout)."""
+    own_name = {}  # A1111's name of a module of this model -> the kohya name of the same module
+    for module_path in _layer_paths(unet, "unet"):
+        ldm_path = _ldm_unet_path(module_path, unet.config.layers_per_block)
+        if ldm_path is not None:
+            own_name["diffusion_model_" + ldm_path.replace(".", "_")] = unet_lora_name(module_path)
+    for module_path in _layer_paths(text_encoder, "text_encoder"):
+        name = text_encoder_lora_name(module_path)
+        own_name["transformer_" + name.removeprefix(TEXT_ENCODER_PREFIX)] = name  # FrozenCLIPEmbedder.transformer
+    return [name for name in names if own_name.get(_a1111_name(name)) != name]
+
+
+def _comfyui_unmatched(names: list[str], unet: nn.Module, text_encoder: nn.Module | None) -> list[str]:
+    """Names ComfyUI's SD 1.x key map (comfy/lora.py model_lora_keys_unet / model_lora_keys_clip) lacks. For every
+    UNet weight it knows `lora_unet_<diffusers path>` (its diffusers map follows the model's config) and the
+    diffusers spelling `unet.<path>` with `.to_q` etc. as `.processor.to_q` and `.to_out.0` as `.processor.to_out`;
+    for each CLIP layer's q/k/v/out_proj and mlp fc1/fc2, `lora_te_text_model_encoder_layers_<N>_<name>` and
+    `text_encoder.text_model.encoder.layers.<N>.<path>` (with `text_model.`, which transformers 5.x paths lack)."""
+    known = set()
+    for module_path in _layer_paths(unet, "unet"):
+        processor_path = module_path.replace(".to_", ".processor.to_")
+        known |= {unet_lora_name(module_path),
+                  "unet." + (processor_path[:-2] if processor_path.endswith(".to_out.0") else processor_path)}
+    for module_path in _layer_paths(text_encoder, "text_encoder"):
+        if re.fullmatch(_COMFYUI_CLIP_TARGETS, module_path.removeprefix("encoder.")):
+            known |= {text_encoder_lora_name(module_path), "text_encoder.text_model." + module_path}
+    return [name for name in names if name not in known]
+
+
+def _network_layers(models: dict[str, nn.Module]) -> dict[tuple[str, str], LoRALayer]:
+    return {(model_name, our_path(model_name, path)): module for model_name, model in models.items()
+            for path, module in model.named_modules() if isinstance(module, LoRALayer)}
+
+
+def _delta_error(modules: LoRAModules, layers: dict[tuple[str, str], LoRALayer]) -> float:
+    """max over shared modules of |delta_file x - delta_network x| / max(1, |delta_network x|) for a fixed x:
+    the file's (alpha / rank) up @ down against the network's own scale * up(down(x))."""
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for key in sorted(modules.keys() & layers.keys()):
+        layer = layers[key]
+        x = torch.randn(2, *layer.down.weight.shape[1:], generator=generator).to(layer.down.weight.device)
+        with torch.no_grad():
+            expected = (layer.scale * layer.up(layer.down(x))).flatten(1).cpu()
+        from_file = x.flatten(1).cpu() @ modules[key].delta().T
+        worst = max(worst, ((from_file - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item())
+    return worst
+
+
+def _without_lora(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with every LoRALayer replaced by the layer it wraps: the frozen base model."""
+    base = copy.deepcopy(model)
+    for path in [p for p, m in base.named_modules() if isinstance(m, LoRALayer)]:
+        parent, _, child = path.rpartition(".")
+        setattr(base.get_submodule(parent), child, base.get_submodule(path).base)
+    return base.eval()
+
+
+def _probe_outputs(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Outputs on fixed small inputs: an 8x8 latent (SD 1.x's three downsamplings leave 1x1), 8 context and
+    8 prompt tokens."""
+    generator = torch.Generator().manual_seed(0)
+    weight = next(unet.parameters())
+    latents = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator).to(weight.device, weight.dtype)
+    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=generator).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        outputs = {"unet": unet(latents, torch.tensor([500], device=weight.device), context).sample.float()}
+        if text_encoder is not None:
+            ids = torch.arange(8, device=next(text_encoder.parameters()).device)[None] % text_encoder.config.vocab_size
+            outputs["text_encoder"] = text_encoder(ids)[0].float()
+    return outputs
+
+
+@contextmanager
+def _at_full_strength(models: list[nn.Module], layers: list[LoRALayer]) -> Iterator[None]:
+    """Eval mode (no dropout) and multiplier 1 on every LoRA layer for the duration; restored afterwards."""
+    modes = [(model, model.training) for model in models]
+    multipliers = [(layer, layer.multiplier) for layer in layers]
+    for model in models:
+        model.eval()
+    for layer in layers:
+        layer.multiplier = 1.0
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
+        for layer, multiplier in multipliers:
+            layer.multiplier = multiplier
+
+
+def _output_tolerance(model: nn.Module) -> float:
+    # fp32 models differ only by summation order; half-precision ones by their 8- or 11-bit mantissa.
+    return 1e-4 if next(model.parameters()).dtype == torch.float32 else 1e-2
+
+
+def _diffusers_check(path: Path, models: dict[str, nn.Module], names: list[str],
+                     reference: dict[str, torch.Tensor]) -> str:
+    """Load the file with diffusers' own loader into copies of the base models; "ok" when every module of the file
+    got a PEFT layer, none else did, and the outputs match `reference` (the network's); else the reason."""
+    if importlib.util.find_spec("peft") is None:
+        return "skipped: peft not installed"
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    bases = {model_name: _without_lora(model) for model_name, model in models.items()}
+    try:
+        state_dict, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(
+            str(path.parent), weight_name=path.name, return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, bases["unet"], metadata=adapter_metadata)
+        if "text_encoder" in bases:
+            StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, bases["text_encoder"],
+                                                                metadata=adapter_metadata)
+    except Exception as error:  # whatever diffusers raises, its refusal is the finding
+        return f"diffusers refused the file: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    loaded = {kohya_name(model_name, p) for model_name, model in bases.items()
+              for p, module in model.named_modules() if isinstance(module, LoraLayer)}
+    unused, extra = sorted(set(names) - loaded), sorted(loaded - set(names))
+    mismatches = ([f"left {len(unused)} module(s) of the file unused: {first_few(unused)}"] if unused else []) \
+        + ([f"put LoRA on {len(extra)} module(s) the file does not name: {first_few(extra)}"] if extra else [])
+    if mismatches:
+        return "diffusers " + "; ".join(mismatches)
+    outputs = _probe_outputs(bases["unet"], bases.get("text_encoder"))
+    for model_name, expected in reference.items():
+        error = ((outputs[model_name] - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item()
+        if error > _output_tolerance(models[model_name]):
+            return (f"the {model_name} output with the file loaded by diffusers differs from the network's by "
+                    f"{error:.2e} (relative; tolerance {_output_tolerance(models[model_name]):.0e})")
+    return "ok"
+
+
+def _module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every module name in a file as spelled there, unchecked (a typo stays a typo); a key that is no LoRA
+    tensor stands for itself."""
+    return sorted({split[0] if (split := split_key(key)) else key for key in tensors})
+
+
+def _kohya_spelling(name: str) -> str:
+    """`unet.<path>` -> `lora_unet_<path with _>` (`text_encoder.` likewise); other names as they are."""
+    model_name, dot, module_path = name.partition(".")
+    return kohya_name(model_name, module_path) if dot and model_name in MODEL_NAMES else name
+
+
+def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None) -> dict:
+    """Check that diffusers, AUTOMATIC1111 and ComfyUI load the LoRA file `path` as the network injected in `unet`
+    (and `text_encoder`) computes it. Meant for the file a training run has just written, network still injected.
+
+    (a) diffusers: the file goes through diffusers' own loader into copies of the base models (needs peft, and
+        memory for a second UNet); every module must get a PEFT layer and no other, and the outputs on a fixed
+        input must match the network's at multiplier 1 (relative 1e-4, 1e-2 for fp16/bf16 models).
+    (b) A1111 / ComfyUI: each module name, as the file spells it, goes through the key rules they apply to
+        SD 1.x (see _a1111_name, _comfyui_unmatched); names that miss, or land on another module, are listed.
+        A1111 matches no diffusers/PEFT name and ComfyUI misses their attention and text-encoder modules:
+        convert such files with --to kohya.
+    (c) the delta: each module's (alpha / rank) up @ down from the file, applied to a fixed x, against the
+        network's own scale * up(down(x)); the worst difference relative to max(1, |delta x|), at most 1e-4.
+
+    Returns {"file", "diffusers": "ok" | "skipped: peft not installed" | reason, "a1111_unmatched",
+    "comfyui_unmatched", "network_unmatched" (modules only one of file and network has), "file_problems" (keys
+    that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside the file."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    modules, problems = parse_lora_tensors(tensors, metadata)
+    names = _module_names(tensors)
+    models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+    layers = _network_layers(models)
+    if not layers:
+        raise LoRAError("check_interop compares the file with the LoRA network injected in the models, and they "
+                        "have none; pass the UNet (and text encoder) that trained it, or inject and load the file")
+    if any(layer.merged_multiplier is not None for layer in layers.values()):
+        raise LoRAError("the network is merged into the model weights; call network.unmerge() before check_interop")
+    if text_encoder is None and any(model_name == "text_encoder" for model_name, _ in modules):
+        raise LoRAError(f"{path} has text-encoder modules; pass text_encoder= to check them too")
+    with _at_full_strength(list(models.values()), list(layers.values())):
+        reference = _probe_outputs(unet, text_encoder)
+        max_delta_error = _delta_error(modules, layers)
+    report = {
+        "file": str(path),
+        "diffusers": _diffusers_check(path, models, [_kohya_spelling(name) for name in names], reference),
+        "a1111_unmatched": _a1111_unmatched(names, unet, text_encoder),
+        "comfyui_unmatched": _comfyui_unmatched(names, unet, text_encoder),
+        "network_unmatched": sorted(kohya_name(*key) for key in modules.keys() ^ layers.keys()),
+        "file_problems": problems,
+        "max_delta_error": max_delta_error,
+    }
+    report["ok"] = (report["diffusers"] in ("ok", "skipped: peft not installed")
+                    and max_delta_error <= _DELTA_TOLERANCE
+                    and not any(report[k] for k in ("a1111_unmatched", "comfyui_unmatched", "network_unmatched",
+                                                    "file_problems")))
+    return report
+
+
+def write_interop_report(lora_path: str | Path, report: dict) -> Path:
+    """Write check_interop's report as JSON beside the LoRA file: `<name>.interop.json`."""
+    out = Path(lora_path).with_suffix(".interop.json")
+    atomic_write(out, (json.dumps(report, indent=2) + "\n").encode())
+    return out
