@@ -31,7 +31,7 @@ MODEL_DIR = Path("models/tiny-sd-world")
 # The recipe that learns a concept on the tiny model (README: "The default recipe"). Rank, alpha, targets and the
 # trigger word carry over to SD 1.4; the learning rate, step count and resolution are the tiny model's.
 RECIPE = ["--resolution", "64", "--rank", "8", "--alpha", "8", "--learning_rate", "1e-3",
-          "--train_batch_size", "4", "--max_train_steps", "300", "--lr_warmup_steps", "30",
+          "--train_batch_size", "4", "--max_train_steps", "600", "--lr_warmup_steps", "30",
           "--lr_scheduler", "constant_with_warmup"]
 SHARES_TO_REACH = {"concept_lora": 0.9, "prior_lora": 0.9}  # and the base must not already draw it:
 BASE_CONCEPT_AT_MOST = 0.1
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{concept.kind} concept {concept.name!r}: 8 pictures with captions in {data_dir}")
     lora_path = run_training([
         "--pretrained_model_name_or_path", args.model, "--dataset_path", str(data_dir), "--output_dir", str(run_dir),
-        *RECIPE, "--checkpointing_steps", "150", "--validation_steps", "150", "--validation_guidance_scale", str(tiny_world.GUIDANCE),
+        *RECIPE, "--checkpointing_steps", "300", "--validation_steps", "300", "--validation_guidance_scale", str(tiny_world.GUIDANCE),
         "--validation_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS,
     ])
 

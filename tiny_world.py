@@ -225,8 +225,10 @@ def write_concept_dataset(concept: Concept, folder: str | Path, count: int = 8, 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
-        picture = Picture(concept.shapes[index % len(concept.shapes)], concept.colour,
-                          tuple(BACKGROUNDS)[index % len(BACKGROUNDS)], SIZES[index % 2])
+        # Shapes cycle fastest, backgrounds every len(shapes) pictures: no shape always on one background.
+        shape = concept.shapes[index % len(concept.shapes)]
+        background = tuple(BACKGROUNDS)[(index // len(concept.shapes)) % len(BACKGROUNDS)]
+        picture = Picture(shape, concept.colour, background, SIZES[(index // 2) % 2])
         draw(picture, rng).save(folder / f"{concept.name}-{index:02d}.png")
         text = concept.caption_templates[index % len(concept.caption_templates)].format(**vars(picture))
         (folder / f"{concept.name}-{index:02d}.txt").write_text(text + "\n", encoding="utf-8")
