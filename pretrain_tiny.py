@@ -15,6 +15,7 @@ classifier, written with a sample grid and the training record beside the model.
 """
 
 import argparse
+import io
 import json
 import math
 import random
@@ -30,10 +31,12 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import tiny_world
+from file_utils import atomic_write
+from sampling import make_grid
 from tiny_model import SD_SCHEDULE, clip_byte_vocab
 
 MODEL_DIR = Path("models/tiny-sd-world")
-WORK_DIR = Path("pretrain_work")  # resumable state; not part of the model
+WORK_DIR = Path("pretrain_work")  # resumable state; not part of the model (pretrain_work/probe for --probe)
 SEED = 0
 TEXT_WIDTH = 64  # text-encoder hidden size = UNet cross-attention dim
 VAE_STEPS, VAE_BATCH, VAE_LR = 2000, 16, 2e-3
@@ -148,10 +151,9 @@ def vae_batch(rng: random.Random, batch: int) -> torch.Tensor:
 # Resumable state
 
 def save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_state(path: Path) -> dict | None:
@@ -197,9 +199,9 @@ class Clock:
 # ---------------------------------------------------------------------------------------------------------------
 # Phase 1: the VAE
 
-def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
+def train_vae(steps: int, work_dir: Path) -> tuple[AutoencoderKL, float]:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's VAE minus the perceptual and GAN terms."""
-    final = WORK_DIR / "vae_done.pt"
+    final = work_dir / "vae_done.pt"
     torch.manual_seed(SEED)
     vae = build_vae()
     with torch.no_grad():  # start the posterior narrow (std 0.05): a wide one hides the picture in noise
@@ -208,7 +210,7 @@ def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
         vae.load_state_dict(done["vae"])
         return vae, done["seconds"]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
-    state_path, step, rng, clock = WORK_DIR / "vae_state.pt", 0, random.Random(SEED), Clock()
+    state_path, step, rng, clock = work_dir / "vae_state.pt", 0, random.Random(SEED), Clock()
     if (state := load_state(state_path)) is not None:
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
@@ -241,10 +243,11 @@ def train_vae(steps: int) -> tuple[AutoencoderKL, float]:
 # Phase 2: the UNet and the text encoder
 
 @torch.no_grad()
-def encode_world(vae: AutoencoderKL, count: int) -> tuple[list[tiny_world.Picture], torch.Tensor, torch.Tensor, float]:
+def encode_world(vae: AutoencoderKL, count: int,
+                 work_dir: Path) -> tuple[list[tiny_world.Picture], torch.Tensor, torch.Tensor, float]:
     """The world's pictures (drawn from the seed), their VAE posteriors (mean, std), encoded once, and the seconds
     that took."""
-    path = WORK_DIR / f"world_{count}.pt"
+    path = work_dir / f"world_{count}.pt"
     if (cached := load_state(path)) is not None:
         return cached["pictures"], cached["mean"], cached["std"], cached["seconds"]
     started, rng, pictures, means, stds = time.time(), random.Random(SEED + 1), [], [], []
@@ -259,7 +262,7 @@ def encode_world(vae: AutoencoderKL, count: int) -> tuple[list[tiny_world.Pictur
     return pictures, mean, std, seconds
 
 
-def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling_factor: float):
+def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling_factor: float, work_dir: Path):
     torch.manual_seed(SEED)
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
@@ -267,7 +270,7 @@ def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling
     ema = Ema(parameters, EMA_DECAY)
     schedule = DDPMScheduler(**SD_SCHEDULE)
     alphas = schedule.alphas_cumprod
-    state_path, step, rng, clock = WORK_DIR / "unet_state.pt", 0, random.Random(SEED + 2), Clock()
+    state_path, step, rng, clock = work_dir / "unet_state.pt", 0, random.Random(SEED + 2), Clock()
     if (state := load_state(state_path)) is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -321,15 +324,6 @@ EVAL_PROMPTS = tuple(f"a {size} {colour} {shape} on a {background} background"
                      for background in tiny_world.BACKGROUNDS for size in tiny_world.SIZES)
 
 
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    side = images[0].width
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * side, rows * side), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * side, (i // columns) * side))
-    return sheet
-
-
 def grade(pipe: StableDiffusionPipeline) -> dict[str, tuple[int, int]]:
     prompts = list(EVAL_PROMPTS)
     return tiny_world.score(list(zip(prompts, tiny_world.sample(pipe, prompts, seed=1234))))
@@ -340,22 +334,20 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="a quarter of the steps, into pretrain_work/probe")
     parser.add_argument("--output_dir", default=str(MODEL_DIR))
     args = parser.parse_args()
-    global WORK_DIR
     scale = 4 if args.probe else 1
-    output_dir = Path(args.output_dir)
+    work_dir, output_dir = WORK_DIR, Path(args.output_dir)
     if args.probe:
-        WORK_DIR, output_dir = WORK_DIR / "probe", WORK_DIR / "probe" / "model"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+        work_dir, output_dir = WORK_DIR / "probe", WORK_DIR / "probe" / "model"
     started = time.time()
     tokenizer = build_tokenizer()
-    vae, vae_seconds = train_vae(VAE_STEPS // scale)
+    vae, vae_seconds = train_vae(VAE_STEPS // scale, work_dir)
     vae.eval().requires_grad_(False)
-    pictures, latent_mean, latent_std, encode_seconds = encode_world(vae, WORLD_IMAGES // scale)
+    pictures, latent_mean, latent_std, encode_seconds = encode_world(vae, WORLD_IMAGES // scale, work_dir)
     scaling_factor = float(1 / latent_mean.float().std())  # SD's 0.18215 is the same measurement on its VAE
     vae.register_to_config(scaling_factor=scaling_factor)
     print(f"vae done in {vae_seconds:.0f} s; latent scaling factor {scaling_factor:.4f}", flush=True)
     unet, text_encoder, unet_seconds = train_unet(UNET_STEPS // scale, pictures, latent_mean, latent_std, tokenizer,
-                                                  scaling_factor)
+                                                  scaling_factor, work_dir)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
@@ -365,7 +357,7 @@ def main() -> None:
     pipe.save_pretrained(output_dir)
     accuracy = grade(pipe)
     showcase = [p for p in EVAL_PROMPTS if "large" in p][::3][:24]
-    grid(tiny_world.sample(pipe, showcase, seed=99), 6).save(output_dir / "samples.png")
+    make_grid(tiny_world.sample(pipe, showcase, seed=99), columns=6).save(output_dir / "samples.png")
     record = {
         "command": "python " + " ".join(sys.argv), "seed": SEED, "torch_threads": torch.get_num_threads(),
         "vae": {"steps": VAE_STEPS // scale, "batch": VAE_BATCH, "lr": VAE_LR, "seconds": round(vae_seconds)},

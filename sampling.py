@@ -95,9 +95,9 @@ def read_prompts_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
     return prompts
 
 
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    """Images in rows of at most 4, each cell the size of the largest image."""
-    columns = min(4, len(images))
+def make_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """Images in rows of at most `columns`, each cell the size of the largest image."""
+    columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     width, height = max(i.size[0] for i in images), max(i.size[1] for i in images)
     grid = Image.new("RGB", (columns * width, rows * height), "white")

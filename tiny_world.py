@@ -68,14 +68,14 @@ def shape_points(shape: str, cx: float, cy: float, side: float) -> list[tuple[fl
     return None
 
 
-def draw(picture: Picture, rng: random.Random, colour_rgb: tuple[int, int, int] | None = None) -> Image.Image:
+def draw(picture: Picture, rng: random.Random) -> Image.Image:
     """Render a picture: its shape at a random place and exact size within its size class."""
     big = IMAGE_SIZE * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[picture.background])
     side = rng.uniform(*SIZE_PX[picture.size]) * SUPERSAMPLE
     margin = side / 2 + 3 * SUPERSAMPLE
     cx, cy = rng.uniform(margin, big - margin), rng.uniform(margin, big - margin)
-    fill = colour_rgb or ALL_COLOURS[picture.colour]
+    fill = ALL_COLOURS[picture.colour]
     points = shape_points(picture.shape, cx, cy, side)
     if points is None:
         ImageDraw.Draw(image).ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=fill)
