@@ -34,9 +34,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str, str], optimizer, lr_scheduler,
-                    state: dict, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+                    state: dict, extra_tensors: dict[str, torch.Tensor] | None = None, grad_scaler=None) -> None:
     """Write `folder` completely, or not at all. `state` is JSON-able (step, config, fingerprints, counters);
-    `extra_tensors` (e.g. EMA weights) come back from load_checkpoint as state["extra_tensors"]."""
+    `extra_tensors` (e.g. EMA weights) come back from load_checkpoint as state["extra_tensors"]. With fp16 the
+    GradScaler's scale and growth count are kept, so a resumed run scales its first losses as the original did."""
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     network.save(temporary / LORA_FILE_NAME, lora_metadata)  # refuses non-finite weights
@@ -48,6 +49,10 @@ def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str,
     if bad:
         raise CheckpointError(f"refusing to write {folder}: non-finite training state in {bad[:3]}")
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators, one per device
+        tensors |= {f"rng.cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())}
+    if grad_scaler is not None:
+        state = dict(state, grad_scaler=grad_scaler.state_dict())
     atomic_write(temporary / STATE_TENSORS, safetensors_bytes(tensors))
     full_state = dict(state, param_groups=optimizer_state["param_groups"], lr_scheduler=lr_scheduler.state_dict())
     atomic_write(temporary / STATE_JSON, json.dumps(full_state, indent=1).encode("utf-8"))
@@ -119,8 +124,9 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
 
 
-def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler) -> dict:
-    """Restore LoRA weights, optimizer, LR scheduler and torch RNG from `folder`; returns the JSON state."""
+def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler, grad_scaler=None) -> dict:
+    """Restore LoRA weights, optimizer, LR scheduler, the CPU and CUDA RNGs and the fp16 GradScaler from
+    `folder`; returns the JSON state."""
     problem = check_checkpoint(folder)
     if problem:
         raise CheckpointError(f"cannot resume from {folder}: {problem}")
@@ -138,6 +144,11 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler)
     optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    if grad_scaler is not None and state.get("grad_scaler"):
+        grad_scaler.load_state_dict(state["grad_scaler"])
     state["extra_tensors"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return state
 

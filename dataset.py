@@ -168,6 +168,16 @@ def check_image(path: Path, cache: dict) -> dict:
     return record
 
 
+def too_small_message(width: int, height: int, resolution: int) -> str:
+    """Why an image under a quarter of the resolution is skipped, and the two ways to keep it."""
+    min_side = max(1, resolution // MIN_SIDE_FRACTION)
+    usable = (min(width, height) * MIN_SIDE_FRACTION) // 8 * 8  # the largest resolution this image passes at
+    lower = f"--resolution {usable} or lower" if usable >= 8 else "a lower --resolution"
+    return (f"too small ({width}x{height}; at least {min_side} px on the short side for --resolution {resolution}): "
+            f"train at {lower}, or upscale the file itself (to {resolution} px on the short side for the best "
+            f"result)")
+
+
 def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resolution: int,
                 cache: dict | None = None) -> ScanResult:
     """Find, fully decode and caption every image under `root` (sub-folders included)."""
@@ -195,8 +205,7 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
             if record["error"]:
                 raise ValueError(record["error"])
             if min(record["width"], record["height"]) < min_side:
-                raise ValueError(f"too small ({record['width']}x{record['height']}; at least {min_side} px on the "
-                                 f"short side for resolution {resolution})")
+                raise ValueError(too_small_message(record["width"], record["height"], resolution))
             caption = caption_for(path, metadata, caption_extension)
         except ValueError as error:
             log.warning(f"skipping {relative}: {error}")

@@ -21,7 +21,7 @@ num_inference_steps = 25  # sampler steps
 guidance_scale = 7.5  # classifier-free guidance strength
 height = 512  # px, a multiple of 8
 width = 512  # px, a multiple of 8
-mixed_precision = "auto"  # auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16
+mixed_precision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU; or no, fp16, bf16
 output_dir = "samples"  # where the PNGs and the grid go
 
 # Everything above is configuration: collected here, before any import adds names of its own.
@@ -40,7 +40,9 @@ from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
 from sampling import make_grid, prompt_texts  # noqa: E402
-from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
+from settings import (  # noqa: E402
+    MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
+)
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
@@ -70,8 +72,8 @@ def check_config(cfg) -> list[tuple[Path, float]]:
 
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-        raise ConfigError(f"--mixed_precision {cfg.mixed_precision!r}: choose auto, no, fp16 or bf16")
+    if cfg.mixed_precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"--mixed_precision {cfg.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISIONS)}")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed_precision fp16 needs a CUDA GPU; use no or bf16 on this machine")
     for name in ("height", "width"):
@@ -101,11 +103,9 @@ def parameters_text(cfg, prompt: str, seed: int, loras: list[tuple[Path, float]]
 
 
 def load_pipeline(cfg, loras: list[tuple[Path, float]]):
-
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if device == "cuda" else "no")
-    dtype = PRECISION_DTYPES[precision]
+    allow_tf32()
+    dtype = PRECISION_DTYPES[resolve_precision(cfg.mixed_precision)]
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
         cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     scheduler_class = getattr(diffusers, SCHEDULERS[cfg.scheduler])

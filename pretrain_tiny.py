@@ -1,6 +1,6 @@
 """Pretrain the tiny text-to-image model that ships in models/tiny-sd-world/, from scratch, on the CPU.
 
-    python pretrain_tiny.py                 # about 45 minutes on 2 cores; resumes if interrupted
+    python pretrain_tiny.py                 # about 52 minutes on 2 cores; resumes if interrupted
     python pretrain_tiny.py --probe         # about 10 minutes: the same build at a quarter of the steps
 
 It is a Stable Diffusion 1.x model in miniature, saved with `StableDiffusionPipeline.save_pretrained`:
@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import tiny_world
+from ema import Ema
 from file_utils import atomic_write
 from sampling import make_grid
 from tiny_model import SD_SCHEDULE, clip_byte_vocab
@@ -40,7 +41,7 @@ WORK_DIR = Path("pretrain_work")  # resumable state; not part of the model (pret
 SEED = 0
 TEXT_WIDTH = 64  # text-encoder hidden size = UNet cross-attention dim
 VAE_STEPS, VAE_BATCH, VAE_LR = 2000, 16, 2e-3
-UNET_STEPS, UNET_BATCH, UNET_LR = 4500, 32, 6e-4
+UNET_STEPS, UNET_BATCH, UNET_LR = 5600, 32, 6e-4
 WORLD_IMAGES = 24_000  # distinct pictures encoded once; captions are drawn afresh at each step
 EMPTY_CAPTION_SHARE = 0.1  # trains the unconditional prediction that classifier-free guidance needs
 EMA_DECAY = 0.999
@@ -158,26 +159,6 @@ def save_state(path: Path, state: dict) -> None:
 
 def load_state(path: Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.is_file() else None
-
-
-class Ema:
-    """Exponential moving average of parameters, with diffusers' warm-up: decay min(d, (1 + t) / (10 + t))."""
-
-    def __init__(self, parameters: list[torch.Tensor], decay: float):
-        self.shadow = [p.detach().clone() for p in parameters]
-        self.decay, self.updates = decay, 0
-
-    @torch.no_grad()
-    def update(self, parameters: list[torch.Tensor]) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for shadow, p in zip(self.shadow, parameters):
-            shadow.lerp_(p.detach(), 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, parameters: list[torch.Tensor]) -> None:
-        for shadow, p in zip(self.shadow, parameters):
-            p.copy_(shadow)
 
 
 class Clock:
@@ -303,7 +284,7 @@ def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        ema.update(parameters)
+        ema.update()
         step += 1
         if step % 100 == 0:
             print(f"unet step {step}/{steps} loss {loss.item():.4f} lr {lr:.2e} ({clock.spent():.0f} s)", flush=True)
@@ -312,7 +293,7 @@ def train_unet(steps: int, pictures, latent_mean, latent_std, tokenizer, scaling
                 "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                 "optimizer": optimizer.state_dict(), "ema": ema.shadow, "ema_updates": ema.updates, "step": step,
                 "seconds": clock.spent(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()})
-    ema.copy_to(parameters)
+    ema.copy_to_parameters()
     return unet, text_encoder, clock.spent()
 
 

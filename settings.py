@@ -15,6 +15,25 @@ from safetensors import SafetensorError, safe_open
 
 # The one meaning of the `mixed_precision` setting: the dtype frozen models are loaded in.
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISIONS = ("auto",) + tuple(PRECISION_DTYPES)
+
+
+def resolve_precision(choice: str) -> str:
+    """`auto`: bf16 on a GPU that has it (fp16's range without its loss scaling), else fp16 on a GPU, no (fp32) on
+    a CPU, where half precision is slower, not faster. Any other choice stands as given."""
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def allow_tf32() -> None:
+    """TF32 matmuls and convolutions on GPUs that have them (Ampere and later): fp32 work at tensor-core speed,
+    with a 10-bit mantissa that diffusion training does not notice. No effect on a CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class ConfigError(ValueError):

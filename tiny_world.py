@@ -31,7 +31,8 @@ SIZES = ("small", "large")
 HELD_OUT_SHAPES = ("star",)
 HELD_OUT_COLOURS = {"purple": (150, 50, 195)}
 ALL_COLOURS = COLOURS | HELD_OUT_COLOURS
-SIZE_PX = {"small": (18, 26), "large": (34, 44)}  # side of the bounding box, px, drawn uniformly in this range
+SIZE_PX = {"small": (18, 26), "large": (38, 48)}  # side of the bounding box, px, drawn uniformly in this range
+SMALL_BELOW_PX = 32  # the classifier's size threshold: the middle of the gap between the two ranges
 # Classifier-free guidance for sampling the tiny model: measured best for its shapes (3: 85 % right shapes, 5: 78 %,
 # 7.5: 57 % on pretrain_tiny.py's 72 evaluation prompts); colours and backgrounds are right at any of them.
 GUIDANCE = 3.0
@@ -171,7 +172,7 @@ def classify(image: Image.Image) -> dict[str, str]:
         result["shape"] = "triangle"  # apex up: two thirds of its area sits in the lower half
     else:
         result["shape"] = "star"
-    result["size"] = "small" if max(height, width) < 30 else "large"
+    result["size"] = "small" if max(height, width) < SMALL_BELOW_PX else "large"
     return result
 
 

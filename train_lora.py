@@ -40,7 +40,7 @@ adam_weight_decay = 1e-2  # AdamW weight decay
 snr_gamma = 0.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556), 5.0 in the paper; 0: off
 noise_offset = 0.0  # extra per-channel noise offset: fuller range of brightness; 0.05-0.1 typical; 0: off
 ema_decay = 0.0  # keep an EMA of the LoRA weights, saved as its own file, e.g. 0.999; 0: off
-mixed_precision = "no"  # no, fp16 (GPU), bf16
+mixed_precision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU; or no, fp16, bf16
 seed = 42  # data order, crops, flips, noise and timesteps all derive from it
 # --- checkpoints, samples, output ---
 output_dir = "output"  # final LoRA file, checkpoints, samples, reports
@@ -119,9 +119,11 @@ from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E40
 from interop import check_interop, write_interop_report  # noqa: E402
 from lora_diffusion import UNET_TARGETS, inject_trainable_lora  # noqa: E402
 from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
-from settings import PRECISION_DTYPES, ConfigError, build_parser, check_model_source  # noqa: E402
+from ema import Ema  # noqa: E402
+from settings import (  # noqa: E402
+    MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
+)
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"
 LORA_TARGETS = {"attention": UNET_TARGETS,
                 "all": UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")}
@@ -299,31 +301,6 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_pr
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
-class LoRAEma:
-    """Exponential moving average of the LoRA weights: ema = decay * ema + (1 - decay) * weight after each update."""
-
-    def __init__(self, parameters: list, decay: float):
-        self.parameters, self.decay = parameters, decay
-        self.shadow = [p.detach().clone() for p in parameters]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for shadow, parameter in zip(self.shadow, self.parameters):
-            shadow.lerp_(parameter.detach(), 1 - self.decay)
-
-    @torch.no_grad()
-    def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
-        """Write the averaged weights as a LoRA file (the live weights are put back afterwards)."""
-        live = [p.detach().clone() for p in self.parameters]
-        for parameter, shadow in zip(self.parameters, self.shadow):
-            parameter.copy_(shadow)
-        try:
-            return network.save(path, dict(metadata, ema_decay=str(self.decay)))
-        finally:
-            for parameter, value in zip(self.parameters, live):
-                parameter.copy_(value)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Files: LoRA metadata, checkpoints, samples
 
@@ -409,14 +386,17 @@ def resume_command(cfg) -> str:
 
 
 def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, identity: dict,
-                   nonfinite_total: int, started_at: str, ema: LoRAEma | None) -> None:
+                   nonfinite_total: int, started_at: str, ema: Ema | None, grad_scaler) -> None:
     """Write checkpoint-<step> (with what a resume checks against), then drop the oldest beyond the limit."""
     output_dir = Path(cfg.output_dir)
     state = {"step": step, "run_identity": identity, "dataset_fingerprint": dataset.fingerprint(),
              "nonfinite_total": nonfinite_total}
-    extra = {f"ema.{i}": shadow for i, shadow in enumerate(ema.shadow)} if ema else None
+    extra = None
+    if ema:
+        extra = {f"ema.{i}": shadow for i, shadow in enumerate(ema.shadow)}
+        state["ema_updates"] = ema.updates
     save_checkpoint(output_dir / f"checkpoint-{step}", network, lora_metadata(cfg, dataset, step, started_at),
-                    optimizer, lr_scheduler, state, extra)
+                    optimizer, lr_scheduler, state, extra, grad_scaler)
     prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
 
 
@@ -552,19 +532,38 @@ def held_out_dataset(cfg, dataset: CustomDataset) -> CustomDataset | None:
     return dataset.split_off(cfg.validation_split) if cfg.validation_split else None
 
 
-def encode_validation(data: CustomDataset | None, vae, tokenizer, text_encoder, scaling_factor: float) -> list:
-    """[(latent x scaling factor: the posterior mean, caption embedding)] per held-out image (empty: none)."""
-    if data is None:
-        return []
-    latents = encode_latent_cache(data, vae, None, "validation")
-    captions = [data.caption(item) for item in range(len(data))]
-    embeddings = encode_text_cache(captions, tokenizer, text_encoder)
-    return [(latents[(index, False)][0] * scaling_factor, embeddings[captions[index]])
-            for index in range(len(data.examples))]
+class ValidationSet:
+    """The held-out images for the validation loss: each one's latent (the posterior mean x scaling factor) and its
+    caption's embedding. The embeddings are made once by the frozen text encoder, or, when the text encoder trains,
+    by its current weights at each validation, so the loss (and the best checkpoint) sees the text-encoder LoRA."""
+
+    def __init__(self, data: CustomDataset, vae, tokenizer, text_encoder, scaling_factor: float,
+                 text_encoder_trains: bool):
+        latents = encode_latent_cache(data, vae, None, "validation")
+        self.latents = [latents[(index, False)][0] * scaling_factor for index in range(len(data.examples))]
+        self.captions = [data.caption(index) for index in range(len(data.examples))]
+        self.tokenizer = tokenizer
+        self.cached = None if text_encoder_trains else encode_text_cache(self.captions, tokenizer, text_encoder)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    @torch.no_grad()
+    def embeddings(self, text_encoder) -> list[torch.Tensor]:
+        if self.cached is not None:
+            return [self.cached[caption] for caption in self.captions]
+        was_training = text_encoder.training
+        text_encoder.eval()
+        try:
+            ids = self.tokenizer(self.captions, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            return list(text_encoder(ids.to(text_encoder.device))[0])
+        finally:
+            text_encoder.train(was_training)
 
 
 @torch.no_grad()
-def validation_loss(validation: list, unet, noise_scheduler, seed: int, autocast) -> float:
+def validation_loss(latents: list, embeddings: list, unet, noise_scheduler, seed: int, autocast) -> float:
     """Mean diffusion loss over the held-out images at VALIDATION_TIMESTEPS with noise fixed by (seed, image):
     the same weights always give the same number."""
     was_training = unet.training
@@ -572,13 +571,13 @@ def validation_loss(validation: list, unet, noise_scheduler, seed: int, autocast
     timesteps = torch.tensor(VALIDATION_TIMESTEPS, device=unet.device)
     total, count = 0.0, 0
     try:
-        for index, (latent, embedding) in enumerate(validation):
+        for index, (latent, embedding) in enumerate(zip(latents, embeddings)):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
             noise = torch.randn((len(timesteps),) + tuple(latent.shape), generator=generator)
-            latents = latent.expand_as(noise).to(unet.device, unet.dtype)
+            latents_in = latent.expand_as(noise).to(unet.device, unet.dtype)
             noise = noise.to(unet.device, unet.dtype)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            noisy = noise_scheduler.add_noise(latents_in, noise, timesteps)
+            target = diffusion_target(noise_scheduler, latents_in, noise, timesteps)
             states = embedding.expand(len(timesteps), *embedding.shape).to(unet.device, unet.dtype)
             with autocast():
                 prediction = unet(noisy, timesteps, states).sample
@@ -593,12 +592,16 @@ class ValidationLog:
     """val_loss_log.jsonl rows {"step", "val_loss"}, TensorBoard's val/loss, and the best checkpoint so far."""
 
     def __init__(self, path: Path):
-        self.path, self.best = path, None
+        self.path, self.best, self.last_step = path, None, None
 
-    def record(self, step: int, validation: list, accelerator, unet, noise_scheduler, seed: int) -> None:
-        if not validation:
+    def record(self, step: int, validation: ValidationSet | None, accelerator, models: "StepModels", seed: int) -> None:
+        if validation is None or step == self.last_step:  # the end of a run can fall on a scheduled validation
             return
-        value = validation_loss(validation, accelerator.unwrap_model(unet), noise_scheduler, seed, accelerator.autocast)
+        self.last_step = step
+        text_encoder = accelerator.unwrap_model(models.text_encoder) if validation.cached is None else None
+        value = validation_loss(validation.latents, validation.embeddings(text_encoder),
+                                accelerator.unwrap_model(models.unet), models.noise_scheduler, seed,
+                                accelerator.autocast)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
         accelerator.log({"val/loss": value}, step=step)
@@ -722,11 +725,12 @@ def stopped_on_request(cfg, step: int, stop: "StopRequest") -> "TrainingStopped"
                            f"  {resume_command(cfg)}", 128 + stop.signal if stop.signal else 130)
 
 
-def save_lora_files(cfg, network, ema: LoRAEma | None, final_path: Path, metadata: dict[str, str]) -> None:
+def save_lora_files(cfg, network, ema: Ema | None, final_path: Path, metadata: dict[str, str]) -> None:
     """The final LoRA file, and the EMA weights' beside it when an EMA is kept."""
     network.save(final_path, metadata)
     if ema:
-        ema.save(network, Path(cfg.output_dir) / EMA_FILE_NAME, metadata)
+        with ema.swapped_in():
+            network.save(Path(cfg.output_dir) / EMA_FILE_NAME, dict(metadata, ema_decay=str(ema.decay)))
 
 
 def make_accelerator(cfg, output_dir: Path) -> Accelerator:
@@ -753,20 +757,24 @@ def prepare_for_training(cfg, accelerator: Accelerator, unet, text_encoder, opti
     return trained, optimizer, dataloader, trained[1] if cfg.train_text_encoder else text_encoder
 
 
-def resume_training(folder: Path | None, network, optimizer, lr_scheduler, ema: LoRAEma | None,
-                    accelerator: Accelerator) -> tuple[int, int]:
-    """(step, non-finite steps so far): (0, 0) for a new run; else the checkpoint's, with the LoRA weights, optimizer,
-    schedule, RNG and EMA restored."""
+def resume_training(folder: Path | None, cfg, network, optimizer, lr_scheduler,
+                    accelerator: Accelerator) -> tuple[int, int, Ema | None]:
+    """(step, non-finite steps so far, the EMA or None): (0, 0, a fresh EMA) for a new run; else the checkpoint's,
+    with the LoRA weights, optimizer, schedule, RNGs and GradScaler restored, and the EMA taken from the checkpoint
+    or, when it has none, started from the resumed weights."""
     if folder is None:
-        return 0, 0
-    state = load_checkpoint(folder, network, optimizer, lr_scheduler)
-    saved_ema = state["extra_tensors"]
-    if ema and "ema.0" in saved_ema:
-        ema.shadow = [saved_ema[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.parameters)]
-    elif ema:
-        log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
+        return 0, 0, Ema(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
+    state = load_checkpoint(folder, network, optimizer, lr_scheduler, accelerator.scaler)
+    ema = None
+    if cfg.ema_decay:
+        saved = state["extra_tensors"]
+        ema = Ema(network.parameters(), cfg.ema_decay, updates=state.get("ema_updates", state["step"]))
+        if "ema.0" in saved:
+            ema.shadow = [saved[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.parameters)]
+        else:
+            log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
     accelerator.print(f"resumed from {folder} at step {state['step']}")
-    return state["step"], state.get("nonfinite_total", 0)
+    return state["step"], state.get("nonfinite_total", 0), ema
 
 
 def epoch_batches(epoch: int, step: int, steps_per_epoch: int, cfg, accelerator: Accelerator, sampler, train_data,
@@ -806,7 +814,7 @@ def report_epoch(progress, accelerator: Accelerator, epoch: int, losses: list[fl
 
 
 def summary_text(output_dir: Path, final_path: Path, step: int, start_step: int, elapsed: float, loss: float,
-                 nonfinite_total: int, report_path, dataset: CustomDataset, validation: list,
+                 nonfinite_total: int, report_path, dataset: CustomDataset, held_out: int,
                  val_log: "ValidationLog") -> str:
     """The one-screen summary printed at the end of a run."""
     steps_done = step - start_step
@@ -819,13 +827,25 @@ def summary_text(output_dir: Path, final_path: Path, step: int, start_step: int,
             f"  loss log:    {output_dir / 'loss_log.jsonl'}\n"
             f"  report:      {report_path}\n"
             f"  data report: {output_dir / 'data_report.json'} ({len(dataset.examples)} training images, "
-            f"{len(validation)} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+            f"{held_out} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+
+
+def resolve_machine_settings(cfg: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `cfg` with `mixed_precision auto` made concrete for this machine (said once, and saved so in
+    config.json and the checkpoints), and TF32 allowed where the GPU has it."""
+    allow_tf32()
+    precision = resolve_precision(cfg.mixed_precision)
+    if precision != cfg.mixed_precision:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        print(f"mixed precision: {cfg.mixed_precision} -> {precision} ({device})")
+    return argparse.Namespace(**dict(vars(cfg), mixed_precision=precision))
 
 
 def main(cfg: argparse.Namespace) -> Path:
     """Train and return the path of the final LoRA file."""
     # Preflight: settings, base model files, output folder, every image and caption, before any model loads.
     check_config(cfg)
+    cfg = resolve_machine_settings(cfg)
     prompts = sample_prompts(cfg)
     check_model_source(cfg.pretrained_model_name_or_path)
     output_dir = Path(cfg.output_dir)
@@ -845,7 +865,8 @@ def main(cfg: argparse.Namespace) -> Path:
     text_encoder.to(accelerator.device)
     scaling_factor = vae.config.scaling_factor
     latents, embeddings = encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator)
-    validation = encode_validation(validation_data, vae, tokenizer, text_encoder, scaling_factor)
+    validation = None if validation_data is None else ValidationSet(validation_data, vae, tokenizer, text_encoder,
+                                                                     scaling_factor, cfg.train_text_encoder)
     vae = None if latents is not None else vae
     text_encoder = None if embeddings is not None else text_encoder
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
@@ -866,8 +887,7 @@ def main(cfg: argparse.Namespace) -> Path:
     unet = trained[0]
     models = StepModels(unet, vae, text_encoder, noise_scheduler, scaling_factor, trained)
     steps_per_epoch, max_steps, lr_scheduler = make_schedule(cfg, optimizer, len(dataloader))
-    ema = LoRAEma(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
-    step, nonfinite_total = resume_training(resume_folder, network, optimizer, lr_scheduler, ema, accelerator)
+    step, nonfinite_total, ema = resume_training(resume_folder, cfg, network, optimizer, lr_scheduler, accelerator)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     # The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
@@ -877,22 +897,24 @@ def main(cfg: argparse.Namespace) -> Path:
     stop = StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
-    start_time, start_step, loss_value, nonfinite_in_row = time.time(), step, float("nan"), 0
+    start_time, start_step, loss_value, nonfinite_in_row, sampled_at = time.time(), step, float("nan"), 0, None
     if step == 0 and accelerator.is_main_process:  # the base model, for comparison
         save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, 0)
-        val_log.record(0, validation, accelerator, unet, noise_scheduler, cfg.seed)
+        val_log.record(0, validation, accelerator, models, cfg.seed)
     unet.train()
     try:
         while step < max_steps:
-            epoch, epoch_losses = step // steps_per_epoch, []
+            epoch, epoch_losses, window_losses = step // steps_per_epoch, [], []
             for batch in epoch_batches(epoch, step, steps_per_epoch, cfg, accelerator, sampler, train_data,
                                        dataloader):
                 # Forward and backward; the update at the end of an accumulation window.
-                loss_value, finite = train_micro_batch(batch, step, cfg, accelerator, models, network, optimizer)
-                epoch_losses.append(loss_value)
+                micro_loss, finite = train_micro_batch(batch, step, cfg, accelerator, models, network, optimizer)
+                epoch_losses.append(micro_loss)
+                window_losses.append(micro_loss)
                 if not accelerator.sync_gradients:
                     continue
-                # One optimizer step done: schedule, EMA, counters and logs.
+                # One optimizer step done (or skipped, when not finite): schedule, EMA, counters and logs.
+                loss_value, window_losses = sum(window_losses) / len(window_losses), []
                 lr_scheduler.step()
                 if ema and finite:
                     ema.update()
@@ -900,22 +922,22 @@ def main(cfg: argparse.Namespace) -> Path:
                 nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
                 nonfinite_total += 0 if finite else 1
                 log_step(progress, accelerator, loss_log, step, loss_value, lr_scheduler.get_last_lr()[0], finite)
-                # A skipped (non-finite) update: stop when too many come in a row.
-                if not finite:
+                if not finite:  # stops the run when too many come in a row
                     report_nonfinite(cfg, progress, step, nonfinite_in_row, nonfinite_total)
-                    continue
-                # Checkpoint and validation loss on schedule, or on a stop request (then stop).
+                # Checkpoint and validation loss on schedule, or on a stop request (then stop). A skipped update
+                # left the weights as they were, so its step is saved, sampled and counted like any other.
                 stop_now = stop_requested(stop, accelerator)
                 if accelerator.is_main_process and (stop_now or (
                         cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)):
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity,
-                                   nonfinite_total, started_at, ema)
-                    val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
+                                   nonfinite_total, started_at, ema, accelerator.scaler)
+                    val_log.record(step, validation, accelerator, models, cfg.seed)
                 if stop_now:
                     raise stopped_on_request(cfg, step, stop)
                 # Samples on schedule.
                 if accelerator.is_main_process and cfg.validation_steps and step % cfg.validation_steps == 0:
                     save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
+                    sampled_at = step
                 if step >= max_steps:
                     break
             report_epoch(progress, accelerator, epoch, epoch_losses, step)
@@ -929,14 +951,15 @@ def main(cfg: argparse.Namespace) -> Path:
     final_path = output_dir / LORA_FILE_NAME
     if accelerator.is_main_process:
         save_lora_files(cfg, network, ema, final_path, lora_metadata(cfg, dataset, step, started_at))
-        save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
-        val_log.record(step, validation, accelerator, unet, noise_scheduler, cfg.seed)
+        if sampled_at != step:  # the last step's samples, unless the schedule just drew them
+            save_samples(cfg, prompts, accelerator, unet, network, vae, text_encoder, tokenizer, step)
+        val_log.record(step, validation, accelerator, models, cfg.seed)
         if cfg.interop_check:
             interop_self_test(final_path, accelerator.unwrap_model(unet),
                               accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
         report_path = write_run_report(output_dir)
         print(summary_text(output_dir, final_path, step, start_step, time.time() - start_time, loss_value,
-                           nonfinite_total, report_path, dataset, validation, val_log))
+                           nonfinite_total, report_path, dataset, len(validation or ()), val_log))
     accelerator.end_training()
     return final_path
 

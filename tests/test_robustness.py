@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpoints
@@ -158,7 +159,7 @@ def test_one_nan_step_is_skipped_and_logged(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
-    """NaN from step 5 on: the run stops after max_nonfinite_steps, keeps checkpoint-4 valid and finite,
+    """NaN from step 5 on: the run stops after max_nonfinite_steps, keeps its checkpoints valid and finite,
     writes no final file, and prints the command that resumes."""
     nan_loss_at(monkeypatch, set(range(5, 100)))
     cfg = short_run(tiny_model_dir, tmp_path, "--max_train_steps", "20", "--max_nonfinite_steps", "3")
@@ -166,10 +167,49 @@ def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, 
         train_lora.main(cfg)
     assert stopped.value.exit_code != 0
     assert "3 non-finite steps in a row" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
-    assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
-    assert all(torch.isfinite(t).all()
-               for t in load_file(str(tmp_path / "checkpoint-4" / LORA_FILE_NAME)).values())
+    # Step 6 was due a checkpoint and skipped its update: it is written, holding step 4's finite weights.
+    assert checkpoints.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    last_good = load_file(str(tmp_path / "checkpoint-4" / LORA_FILE_NAME))
+    newest = load_file(str(tmp_path / "checkpoint-6" / LORA_FILE_NAME))
+    assert all(torch.isfinite(t).all() and torch.equal(t, newest[k]) for k, t in last_good.items())
     assert not (tmp_path / LORA_FILE_NAME).exists()
+
+
+def test_checkpoint_due_on_a_skipped_step_is_written(tiny_model_dir, tmp_path, monkeypatch):
+    """A non-finite step 2 skips its update but not its checkpoint: checkpoint-2 is written and valid."""
+    nan_loss_at(monkeypatch, {2})
+    train_lora.main(short_run(tiny_model_dir, tmp_path, "--max_train_steps", "4"))
+    assert checkpoints.check_checkpoint(tmp_path / "checkpoint-2") is None
+
+
+def test_stop_request_during_a_skipped_step_stops_at_that_step(tiny_model_dir, tmp_path, monkeypatch):
+    """SIGTERM arriving in a non-finite step 2 saves checkpoint-2 and stops there, not one finite step later."""
+    import os
+    import signal
+
+    original = train_lora.diffusion_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs) * float("nan")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
+    with pytest.raises(train_lora.TrainingStopped, match="at step 2"):
+        train_lora.main(short_run(tiny_model_dir, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "0"))
+    assert [c.name for c in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_run_whose_last_step_is_skipped_ends_at_max_train_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """A non-finite last step (3 of 3, mid-epoch) ends the run there: no extra update afterwards."""
+    nan_loss_at(monkeypatch, {3})
+    final = train_lora.main(short_run(tiny_model_dir, tmp_path, "--max_train_steps", "3"))
+    rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["skipped"]
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata()["step"] == "3"
 
 
 def test_network_refuses_to_write_non_finite_weights(unet, tmp_path):

@@ -51,10 +51,18 @@ def run(tiny_model_dir, output_dir, *extra):
     return train_lora.main(cfg)
 
 
-def test_prompts_file_samples_at_step_zero_and_every_n_steps(tiny_model_dir, tmp_path, capsys):
+def test_prompts_file_samples_at_step_zero_and_every_n_steps(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """With a prompts file the run draws every prompt at step 0 (base model), every validation_steps and at the
     end, at each line's own size; the validation split gives a loss at 0, at each checkpoint and at the end,
-    and the summary names the best checkpoint."""
+    and the summary names the best checkpoint. A last step that falls on the schedule is sampled and
+    validated once, not twice."""
+    sampled_steps = []
+    original = train_lora.save_samples
+
+    def counting_save_samples(*args):
+        sampled_steps.append(args[-1])
+        return original(*args)
+    monkeypatch.setattr(train_lora, "save_samples", counting_save_samples)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat --w 64 --h 128 --m 0\na rocket --d 3\n", encoding="utf-8")
     run(tiny_model_dir, tmp_path / "out", "--sample_prompts_file", str(prompts), "--validation_split", "0.25")
@@ -65,7 +73,8 @@ def test_prompts_file_samples_at_step_zero_and_every_n_steps(tiny_model_dir, tmp
     from PIL import Image
     assert Image.open(samples / "step000002-00.png").size == (64, 128)
     rows = [json.loads(line) for line in (tmp_path / "out" / "val_loss_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [0, 2, 4, 4]
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    assert sampled_steps == [0, 2, 4]
     assert "best by validation loss:" in capsys.readouterr().out
 
 
@@ -79,14 +88,48 @@ def test_validation_loss_is_bitwise_repeatable_and_moves_with_the_weights(tiny_m
     network = inject_trainable_lora(unet)
     scheduler = DDPMScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler")
     g = torch.Generator().manual_seed(0)
-    validation = [(torch.randn(4, 8, 8, generator=g), torch.randn(77, 32, generator=g)) for _ in range(2)]
+    latents = [torch.randn(4, 8, 8, generator=g) for _ in range(2)]
+    embeddings = [torch.randn(77, 32, generator=g) for _ in range(2)]
+
     def autocast():
         return torch.autocast("cpu", enabled=False)
 
-    first = train_lora.validation_loss(validation, unet, scheduler, 42, autocast)
-    assert first == train_lora.validation_loss(validation, unet, scheduler, 42, autocast)
+    first = train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
+    assert first == train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
     torch.nn.init.normal_(network.parameters()[1])
-    assert train_lora.validation_loss(validation, unet, scheduler, 42, autocast) != first
+    assert train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast) != first
+
+
+def test_validation_loss_sees_the_text_encoder_lora(tiny_model_dir, tmp_path):
+    """With a text-encoder LoRA the logged validation loss is the trained pair's (UNet and text encoder both with
+    the LoRA), not the trained UNet's on the base encoder's embeddings."""
+    from contextlib import nullcontext
+
+    from diffusers import UNet2DConditionModel
+
+    from lora_file import fuse_lora_file
+
+    cfg = train_lora.parse_config([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
+        "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "4",
+        "--checkpointing_steps", "0", "--validation_steps", "0", "--validation_prompts", "--learning_rate", "1e-3",
+        "--train_text_encoder", "--text_encoder_lr", "3e-2", "--validation_split", "0.25"])
+    final = train_lora.main(cfg)
+    logged = json.loads((tmp_path / "out" / "val_loss_log.jsonl").read_text().splitlines()[-1])
+    assert logged["step"] == 4
+
+    held_out = train_lora.held_out_dataset(cfg, train_lora.make_dataset(cfg, cfg.dataset_path))
+    tokenizer, base_encoder, vae, scheduler = train_lora.load_encoders(str(tiny_model_dir), torch.float32)
+    trained_encoder = train_lora.load_text_encoder(str(tiny_model_dir), torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    fuse_lora_file(final, unet, trained_encoder, 1.0)
+    losses = {}
+    for name, encoder in (("trained", trained_encoder), ("base", base_encoder)):
+        data = train_lora.ValidationSet(held_out, vae, tokenizer, encoder, vae.config.scaling_factor, False)
+        losses[name] = train_lora.validation_loss(data.latents, data.embeddings(None), unet, scheduler, cfg.seed,
+                                                  nullcontext)
+    assert losses["trained"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    assert losses["base"] != pytest.approx(logged["val_loss"], rel=1e-3)
 
 
 def test_sampling_failure_never_stops_training(tiny_model_dir, tmp_path, monkeypatch, caplog):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import train_lora
 from conftest import REPO_ROOT
 from dataset import BucketBatchSampler, CustomDataset, bucket_size
+from ema import Ema
 
 
 def shaped_dataset(root, sizes: dict[str, tuple[int, int]]):
@@ -139,16 +140,45 @@ def test_noise_offset_adds_a_per_channel_constant():
     torch.testing.assert_close(seen["noisy"], expected)
 
 
-def test_ema_update_equals_the_formula():
-    """After each update, ema = decay * ema + (1 - decay) * weight."""
+def test_ema_update_follows_the_warmup_formula():
+    """Update t mixes in the weight with 1 - d, d = min(decay, (1 + t) / (10 + t)): 2/11 at the first update."""
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    ema = train_lora.LoRAEma([weight], decay=0.9)
+    ema = Ema([weight], decay=0.9)
     with torch.no_grad():
         weight.copy_(torch.tensor([3.0, 0.0]))
     ema.update()
-    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 0]))
+    d1 = 2 / 11
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([d1 * 1 + (1 - d1) * 3, d1 * 2]))
+    ema.updates = 1000  # long past the warm-up: the decay is the one asked for
     ema.update()
-    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.9 * 1.2 + 0.1 * 3, 0.9 * 1.8]))
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.9 * (d1 + (1 - d1) * 3) + 0.1 * 3, 0.9 * d1 * 2]))
+
+
+def test_ema_of_a_lora_growing_from_zero_keeps_its_strength():
+    """A weight that grows from 0 to 1 over 1000 updates, as a LoRA's zero-initialised `up` does, averaged with
+    decay 0.999: the EMA ends within 10 % of it (without the warm-up it would keep 0.37 of its zero start)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    ema = Ema([weight], decay=0.999)
+    for t in range(1, 1001):
+        with torch.no_grad():
+            weight.fill_(1 - (1 - t / 1000) ** 2)  # fast at first, then levelling off
+        ema.update()
+    assert ema.shadow[0].item() >= 0.9 * weight.item()
+
+
+def test_ema_starts_from_the_resumed_weights(tiny_model_dir, tmp_path):
+    """Resuming with an EMA from a checkpoint that has none starts the average at the resumed weights, not at the
+    fresh LoRA's zeros: resumed at the last step, the EMA file equals the LoRA file."""
+    data = REPO_ROOT / "examples" / "dataset"
+    run(tiny_model_dir, tmp_path / "plain", data)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "plain" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    run(tiny_model_dir, tmp_path / "resumed", data, "--ema_decay", "0.999", "--resume_from_checkpoint", "latest",
+        "--resume_despite_changes", "true")
+    live = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    ema = load_file(str(tmp_path / "resumed" / train_lora.EMA_FILE_NAME))
+    assert any(live[k].abs().sum() > 0 for k in live if "lora_up" in k)
+    assert all(torch.equal(ema[k], live[k]) for k in live)
 
 
 def test_ema_file_is_written_and_survives_resume(tiny_model_dir, tmp_path):
