@@ -32,6 +32,9 @@ def test_planted_folder_keeps_usable_and_skips_exactly_the_bad(planted, caplog):
     assert len(warned) == len(SKIPPED) and all(m.startswith("skipping ") for m in warned)
     assert not any("DS_Store" in m or "Thumbs" in m or "._good" in m or ".cache" in m for m in warned)
     assert f"{len(USABLE)} usable, {len(SKIPPED)} skipped" in data.summary()
+    # The too-small image's reason names both ways out, and the lower resolution it names does keep it.
+    assert "train at --resolution 32 or lower, or upscale the file itself" in reasons["tiny.png"]
+    assert "tiny.png" in [e.path.name for e in CustomDataset(planted, resolution=32).examples]
 
 
 def test_report_lists_every_skipped_file(planted, tmp_path):

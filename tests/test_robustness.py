@@ -302,3 +302,31 @@ def test_unwritable_output_dir_is_refused_at_start(tiny_model_dir, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="--output_dir .* is not writable"):
         train_lora.main(short_run(tiny_model_dir, blocker / "out"))
+
+
+def test_grad_scaler_state_survives_a_checkpoint(unet, tmp_path):
+    """fp16's GradScaler (its scale and growth count) is saved with a checkpoint and restored on resume."""
+    network = lora_diffusion.inject_trainable_lora(unet)
+    optimizer = torch.optim.AdamW(network.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 11, growth_interval=7)
+    checkpoints.save_checkpoint(tmp_path / "checkpoint-1", network, {}, optimizer, schedule, {"step": 1},
+                                grad_scaler=scaler)
+    restored = torch.amp.GradScaler("cpu")
+    checkpoints.load_checkpoint(tmp_path / "checkpoint-1", network, optimizer, schedule, restored)
+    assert restored.get_scale() == 2.0 ** 11 and restored.get_growth_interval() == 7
+
+
+def test_logged_loss_is_the_mean_over_the_accumulation_window(tiny_model_dir, tmp_path, monkeypatch):
+    """With gradient_accumulation_steps 2 each logged step loss is the mean of its two micro-batch losses."""
+    original, micro = train_lora.diffusion_loss, []
+
+    def recording_loss(*args, **kwargs):
+        value = original(*args, **kwargs)
+        micro.append(value.item())
+        return value
+    monkeypatch.setattr(train_lora, "diffusion_loss", recording_loss)
+    train_lora.main(short_run(tiny_model_dir, tmp_path, "--gradient_accumulation_steps", "2"))
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert len(micro) == 8 and micro[0] != micro[1]
+    assert logged == pytest.approx([(micro[i] + micro[i + 1]) / 2 for i in range(0, 8, 2)], rel=1e-6)

@@ -3,6 +3,7 @@
 import pytest
 
 import generate
+import settings
 import train_lora
 
 
@@ -28,3 +29,29 @@ def test_generate_flags_follow_the_same_convention():
     """generate.py's flags are built the same way: a flag per constant, typed like its default."""
     cfg = generate.parse_config(["--num_images", "2", "--guidance_scale", "3.5"])
     assert cfg.num_images == 2 and cfg.guidance_scale == 3.5 and cfg.seed == generate.seed
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, "no"), (True, False, "fp16"), (True, True, "bf16")])
+def test_auto_precision_fits_the_machine(monkeypatch, cuda, bf16, expected):
+    """`auto` is bf16 on a GPU that has it, fp16 on other GPUs and no (fp32) on a CPU; an explicit choice stands."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert settings.resolve_precision("auto") == expected
+    assert settings.resolve_precision("bf16") == "bf16"
+    assert train_lora.mixed_precision == generate.mixed_precision == "auto"  # the two scripts agree
+
+
+def test_training_records_the_precision_auto_chose(tiny_model_dir, tmp_path, capsys):
+    """A run left at `auto` says what it chose and saves that, not `auto`, in config.json."""
+    import json
+
+    from conftest import REPO_ROOT
+
+    cfg = train_lora.parse_config([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
+        "--output_dir", str(tmp_path), "--resolution", "64", "--max_train_steps", "1", "--validation_prompts"])
+    train_lora.main(cfg)
+    assert "mixed precision: auto -> no (no GPU)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["mixed_precision"] == "no"
