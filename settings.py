@@ -150,6 +150,6 @@ def model_fix(folder: Path) -> str:
     """How to get a good copy of a model folder: the shipped tiny model is restored or rebuilt, others fetched."""
     if (folder / "training.json").is_file():  # the record pretrain_tiny.py writes beside the model it built
         return (f"Restore the shipped copy with `git checkout -- {folder}`, or rebuild it with "
-                f"`python pretrain_tiny.py --output_dir {folder}` (about 45 minutes on a CPU)")
+                f"`python pretrain_tiny.py --output_dir {folder}` (about 52 minutes on a CPU)")
     return ("Point pretrained_model_name_or_path at the folder holding model_index.json, or download "
             "the model again")
