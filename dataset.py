@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class Example:
     sha256: str  # of the file's bytes, for the dataset fingerprint
     size: tuple[int, int] = (0, 0)  # (width, height) as displayed, after EXIF rotation
     repeats: int = 1  # times per epoch, from a kohya-style `<N>_<name>` folder
+    prior: bool = False  # a class (regularisation) image for prior preservation, from class_data_path
 
 
 @dataclass
@@ -179,10 +181,12 @@ def too_small_message(width: int, height: int, resolution: int) -> str:
 
 
 def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resolution: int,
-                cache: dict | None = None) -> ScanResult:
-    """Find, fully decode and caption every image under `root` (sub-folders included)."""
+                cache: dict | None = None, option: str = "dataset_path") -> ScanResult:
+    """Find, fully decode and caption every image under `root` (sub-folders included); `option` names the
+    setting that points at it, for the messages."""
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; set dataset_path to a folder of images")
+        kind = "dataset" if option == "dataset_path" else "class"
+        raise DatasetError(f"{kind} folder {root} does not exist; set {option} to a folder of images")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
@@ -245,34 +249,98 @@ def bucket_size(width: int, height: int, resolution: int, upscale: bool) -> tupl
     return bucket_w, bucket_h
 
 
-class BucketBatchSampler:
-    """Batches of items that share a training size, shuffled with permutations derived from (seed, epoch) alone,
-    so a resumed run replays the same batches.
+class Draw(NamedTuple):
+    """One entry of a batch: the item, and its share of the step's loss (0 for padding)."""
+    index: int
+    weight: float
 
-    Each bucket's items are shuffled and cut into batches; `processes` consecutive batches form one optimizer
-    step's global batch, and global batches are shuffled as units. So N processes with batch B see, step by step,
-    the same samples as one process with batch N x B.
+
+class BucketBatchSampler:
+    """Global batches of items that share a training size, shuffled with permutations derived from (seed, epoch)
+    alone, so a resumed run replays the same batches.
+
+    Each bucket's items are shuffled and cut into global batches of `processes` x `batch_size`; the batches are
+    shuffled. Every entry is a Draw whose weight is `processes` / (items in its batch), so the weighted sum over a
+    process's share, averaged over processes as distributed training averages gradients, is the global batch's mean
+    loss. On several processes a short global batch (a bucket's last) is padded to full size with weight-0 draws,
+    and accelerate (split_batches) hands each process its `batch_size` slice: N processes with batch B take, step
+    by step, the same samples and the same loss as one process with batch N x B.
+
+    With prior preservation (`prior[i]` marks the class items), each instance batch is followed by a batch of class
+    items, taken in turn from an endless shuffled stream of them; the pair is one step's two micro-batches, each
+    weighted 2x (accelerate averages micro-batches), the class one also by `prior_loss_weight`, so the step's loss
+    is the instance loss plus prior_loss_weight x the class loss (Ruiz et al. 2023).
     """
 
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, processes: int = 1):
-        self.sizes, self.batch_size, self.seed, self.processes, self.epoch = sizes, batch_size, seed, processes, 0
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, processes: int = 1,
+                 prior: list[bool] | None = None, prior_loss_weight: float = 1.0):
+        self.sizes, self.seed, self.processes, self.epoch = sizes, seed, processes, 0
+        self.batch_size = batch_size * processes  # accelerate splits each global batch into per-process slices
+        self.prior = prior if prior and any(prior) else None
+        self.prior_loss_weight = prior_loss_weight
+        self.instances = [i for i in range(len(sizes)) if not (self.prior and self.prior[i])]
+        self.classes = [i for i in range(len(sizes)) if self.prior and self.prior[i]]
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batches(self, items: list[int], generator: torch.Generator) -> list[list[int]]:
+        """`items` shuffled within their buckets, cut into global batches, the batches shuffled."""
+        batches = []
+        for size in sorted({self.sizes[i] for i in items}):
+            bucket = [i for i in items if self.sizes[i] == size]
+            shuffled = [bucket[i] for i in torch.randperm(len(bucket), generator=generator).tolist()]
+            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def draws(self, batch: list[int], weight: float) -> list[Draw]:
+        draws = [Draw(item, weight * self.processes / len(batch)) for item in batch]
+        if self.processes > 1:
+            draws += [Draw(batch[0], 0.0)] * (self.batch_size - len(draws))
+        return draws
+
+    def class_batches(self, start: int, count: int) -> list[list[int]]:
+        """Batches start .. start + count of the class stream: pass k is the class items shuffled by (seed, k)."""
+        passes: dict[int, list[list[int]]] = {}
+
+        def class_pass(k: int) -> list[list[int]]:
+            if k not in passes:
+                passes[k] = self.batches(self.classes, torch.Generator().manual_seed(self.seed * 100_003 + 50_000 + k))
+            return passes[k]
+        per_pass = len(class_pass(0))
+        return [class_pass(position // per_pass)[position % per_pass] for position in range(start, start + count)]
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        units = []
-        for size in sorted(set(self.sizes)):
-            items = [i for i, item_size in enumerate(self.sizes) if item_size == size]
-            shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
-            batches = [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
-            units += [batches[i:i + self.processes] for i in range(0, len(batches), self.processes)]
-        order = torch.randperm(len(units), generator=generator).tolist()
-        return iter([batch for i in order for batch in units[i]])
+        instance_batches = self.batches(self.instances, generator)
+        if not self.prior:
+            for batch in instance_batches:
+                yield self.draws(batch, 1.0)
+            return
+        classes = self.class_batches(self.epoch * len(instance_batches), len(instance_batches))
+        for batch, class_batch in zip(instance_batches, classes):
+            yield self.draws(batch, 2.0)
+            yield self.draws(class_batch, 2.0 * self.prior_loss_weight)
 
     def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes).values())
+        batches = sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes[i] for i in self.instances).values())
+        return 2 * batches if self.prior else batches
+
+
+class WeightedItems(Dataset):
+    """A dataset read through Draws: each item also carries its draw's loss weight."""
+
+    def __init__(self, items: Dataset):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.items.begin_epoch(epoch)
+
+    def __getitem__(self, draw: Draw) -> dict:
+        return dict(self.items[draw.index], loss_weight=draw.weight)
 
 
 def check_caption_extension(files: list[Path], images: list[Path], caption_extension: str, root: Path) -> None:
@@ -346,8 +414,10 @@ class CustomDataset(Dataset):
                  random_flip: bool = False, caption_extension: str = ".txt", fallback_caption: str = "",
                  seed: int = 0, strict: bool = False, cache_path: str | Path | None = None,
                  buckets: bool = False, bucket_upscale: bool = False, trigger_phrase: str = "",
-                 shuffle_tags: bool = False, keep_tags: int = 1, caption_dropout: float = 0.0):
+                 shuffle_tags: bool = False, keep_tags: int = 1, caption_dropout: float = 0.0,
+                 class_data_path: str | Path | None = None, class_prompt: str = ""):
         self.root = Path(dataset_path)
+        self.class_root = Path(class_data_path) if class_data_path else None
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -358,6 +428,11 @@ class CustomDataset(Dataset):
         cache = read_check_cache(cache_path)
         cached = dict(cache)
         scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
+        if self.class_root:  # class images without a caption train with the class prompt
+            classes = scan_folder(self.class_root, caption_extension, class_prompt, resolution, cache, "class_data_path")
+            scan.examples += [replace(e, prior=True) for e in classes.examples]
+            scan.skipped += [dict(s, file=f"class: {s['file']}") for s in classes.skipped]
+            scan.notes.update(classes.notes)
         if cache_path is not None and cache != cached:  # unchanged: leave the file alone (other processes read it)
             write_check_cache(cache_path, cache)
         if strict and scan.skipped:
@@ -379,11 +454,12 @@ class CustomDataset(Dataset):
     def split_off(self, fraction: float) -> "CustomDataset":
         """Hold out `fraction` of the images (at least one, never all; chosen by the seed) for validation:
         they leave this dataset and come back as a dataset with fixed captions and no mirroring."""
-        count = min(max(1, round(fraction * len(self.examples))), len(self.examples) - 1)
+        instances = [i for i, e in enumerate(self.examples) if not e.prior]  # class images are never held out
+        count = min(max(1, round(fraction * len(instances))), len(instances) - 1)
         if count < 1:
             raise DatasetError(f"validation_split needs at least 2 usable images in {self.root}, found "
-                               f"{len(self.examples)}")
-        chosen = set(random.Random(f"{self.seed}-validation").sample(range(len(self.examples)), count))
+                               f"{len(instances)}")
+        chosen = set(random.Random(f"{self.seed}-validation").sample(instances, count))
         held_out = self.fixed_copy()
         held_out.use_examples([e for i, e in enumerate(self.examples) if i in chosen])
         self.use_examples([e for i, e in enumerate(self.examples) if i not in chosen])
@@ -419,7 +495,10 @@ class CustomDataset(Dataset):
         """The caption `item` trains with this epoch: trigger phrase first, tags shuffled (the first `keep_tags`
         stay put), or the empty caption with probability `caption_dropout`."""
         rng = random.Random(f"{self.seed}-{self.epoch}-{item}-caption")
-        text = self.examples[self.order[item]].caption
+        example = self.examples[self.order[item]]
+        text = example.caption
+        if example.prior:  # the class prompt keeps its plain meaning: no trigger, shuffling or dropout
+            return text
         if self.shuffle_tags:
             tags = [tag.strip() for tag in text.split(",") if tag.strip()]
             kept, rest = tags[:self.keep_tags], tags[self.keep_tags:]
@@ -447,11 +526,15 @@ class CustomDataset(Dataset):
 
     def fingerprint(self) -> str:
         """sha256 over every used file's path, content and caption: changes when the training data changes."""
-        rows = [(str(e.path.relative_to(self.root)), e.sha256, e.caption) for e in self.examples]
+        rows = [(f"class: {e.path.relative_to(self.class_root)}" if e.prior else str(e.path.relative_to(self.root)),
+                 e.sha256, e.caption) for e in self.examples]
         return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
     def summary(self) -> str:
-        lines = [f"dataset {self.root}: {len(self.examples)} usable, {len(self.skipped)} skipped"]
+        classes = sum(e.prior for e in self.examples)
+        lines = [f"dataset {self.root}: {len(self.examples) - classes} usable, {len(self.skipped)} skipped"]
+        if classes:
+            lines.append(f"  class images {self.class_root}: {classes}, trained beside them for prior preservation")
         if len(self.order) != len(self.examples):
             lines.append(f"  {len(self.order)} items per epoch with folder repeats")
         lines += [f"  {count} image(s): {note}" for note, count in sorted(self.notes.items())]
@@ -464,8 +547,10 @@ class CustomDataset(Dataset):
         """JSON report of what was used and what was skipped and why (the data_report.json of a run)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        report = {"dataset_path": str(self.root), "usable": len(self.examples) + held_out,
-                  "training": len(self.examples), "held_out_for_validation": held_out,
+        classes = sum(e.prior for e in self.examples)
+        report = {"dataset_path": str(self.root), "usable": len(self.examples) - classes + held_out,
+                  "training": len(self.examples) - classes, "held_out_for_validation": held_out,
+                  "class_data_path": str(self.class_root) if self.class_root else None, "class_images": classes,
                   "skipped_count": len(self.skipped),
                   "skipped": self.skipped, "notes": dict(self.notes)}
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")

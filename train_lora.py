@@ -20,6 +20,11 @@ trigger_phrase = ""  # put first in every caption, e.g. "sks dog"
 shuffle_tags = False  # shuffle the comma-separated tags of each caption at each step
 keep_tags = 1  # tags kept in place at the front when shuffling
 caption_dropout = 0.0  # probability of training a step on the empty caption (keeps guidance working)
+# --- prior preservation (class images) ---
+class_data_path = ""  # folder of class images, e.g. of "a photo of a dog", trained beside the instances; "": off
+class_prompt = ""  # the class's plain prompt: caption of class images without one, and what missing ones draw
+num_class_images = 100  # the base model draws class images until the folder holds this many; 0: never
+prior_loss_weight = 1.0  # weight of the class images' loss beside the instance loss (1.0 in DreamBooth)
 # --- LoRA ---
 rank = 4  # size of the low-rank update
 alpha = 4.0  # update scale is alpha / rank
@@ -73,7 +78,7 @@ DEFAULTS = {name: value for name, value in list(globals().items())
 CONFIG_NAMES = list(DEFAULTS)
 # Every setting above defines the run (a resume must share it to continue exactly) except these, which only say
 # where files go, when to save, sample and validate, how fast, and how careful. The data is compared by fingerprint.
-NOT_RUN_DEFINING = ("dataset_path", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
                     "resume_from_checkpoint", "validation_prompts", "sample_prompts_file", "validation_steps",
                     "validation_split", "validation_dataset_path", "validation_inference_steps",
                     "validation_guidance_scale", "dataloader_num_workers", "cache_latents", "cache_text_embeddings",
@@ -99,7 +104,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
@@ -113,7 +118,9 @@ from checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, resolve_resume, run_identity, save_checkpoint,
 )
-from dataset import BucketBatchSampler, CustomDataset, DatasetError, caption_token_counts  # noqa: E402
+from class_images import generate_missing  # noqa: E402
+from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
+                     caption_token_counts)
 from report import write_report  # noqa: E402
 from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from interop import check_interop, write_interop_report  # noqa: E402
@@ -174,8 +181,44 @@ def check_config(cfg: argparse.Namespace) -> None:
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
     need(not cfg.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
          "--use_8bit_adam true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs), or set use_8bit_adam false")
+    check_prior_preservation(cfg)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
+
+
+def check_prior_preservation(cfg: argparse.Namespace) -> None:
+    """Class images: a prompt for them, a folder apart from the instance images, or no class settings at all."""
+    class_settings = [f"--{name} {getattr(cfg, name)}" for name in ("class_prompt", "num_class_images",
+                                                                    "prior_loss_weight")
+                      if getattr(cfg, name) != DEFAULTS[name]]
+    if not cfg.class_data_path:
+        if class_settings:
+            raise ConfigError(f"{', '.join(class_settings)} set but class_data_path is empty: point "
+                              f"--class_data_path at a folder of class images (or an empty one to fill) to train "
+                              f"with prior preservation, or drop those settings")
+        return
+    folder, instances = Path(cfg.class_data_path).resolve(), Path(cfg.dataset_path).resolve()
+    if folder == instances or instances in folder.parents or folder in instances.parents:
+        raise ConfigError(f"--class_data_path {cfg.class_data_path} and --dataset_path {cfg.dataset_path} overlap: "
+                          f"class images are the base model's idea of the class and must not be the subject's "
+                          f"images; use a folder outside the other")
+    if not cfg.class_prompt.strip():
+        raise ConfigError("--class_data_path needs --class_prompt, the class's plain prompt without the trigger "
+                          "word (e.g. \"a photo of a dog\")")
+    if cfg.prior_loss_weight <= 0:
+        raise ConfigError(f"--prior_loss_weight {cfg.prior_loss_weight}: must be positive (1.0 in DreamBooth); "
+                          f"to train without class images, set class_data_path to \"\"")
+    if cfg.num_class_images < 0:
+        raise ConfigError(f"--num_class_images {cfg.num_class_images}: cannot be negative (0: never generate)")
+    if not folder.is_dir() and cfg.num_class_images == 0:
+        raise ConfigError(f"--class_data_path {cfg.class_data_path} does not exist and num_class_images is 0: "
+                          f"put class images there, or set --num_class_images (e.g. 100) to have the base model "
+                          f"draw them")
+
+
+def micro_batches_per_step(cfg) -> int:
+    """Micro-batches in one optimizer step: with class images each instance batch comes with a class batch."""
+    return cfg.gradient_accumulation_steps * (2 if cfg.class_data_path else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +256,8 @@ log = logging.getLogger(__name__)
 def make_collate(tokenizer):
     """Stack what the items carry: cached latent distributions or pixels, cached text embeddings or token ids."""
     def collate(items: list[dict]) -> dict:
-        batch = {"index": torch.tensor([item["index"] for item in items])}
+        batch = {"index": torch.tensor([item["index"] for item in items]),
+                 "loss_weight": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32)}
         for key in ("pixel_values", "latent_mean", "latent_std", "text_embedding"):
             if key in items[0]:
                 batch[key] = torch.stack([item[key] for item in items])
@@ -264,9 +308,11 @@ def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
 
 
 def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, unet, noise_scheduler,
-                   randomness: SampleRandomness, snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
+                   randomness: SampleRandomness, snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models),
-    optionally Min-SNR weighted per sample. Draws, in order: noise, offset noise (if any), timesteps."""
+    optionally Min-SNR weighted per sample; the mean over samples, or their sum weighted by `sample_weights`
+    (the batch's Draw weights). Draws, in order: noise, offset noise (if any), timesteps."""
     noise = randomness.randn(latents.shape[1:], latents.dtype)
     if noise_offset:
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
@@ -275,11 +321,13 @@ def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, u
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
-    if not snr_gamma:
-        return F.mse_loss(prediction.float(), target.float())
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma, predicts_velocity(noise_scheduler))
-    return (per_sample * weights).mean()
+    if snr_gamma:
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma,
+                                                  predicts_velocity(noise_scheduler))
+    if sample_weights is None:
+        return per_sample.mean()
+    return (per_sample * sample_weights.to(per_sample.device)).sum()
 
 
 def predicts_velocity(noise_scheduler) -> bool:
@@ -480,7 +528,7 @@ def train_micro_batch(batch: dict, step: int, cfg, accelerator: Accelerator, mod
         latents = batch_latents(batch, models.vae, models.scaling_factor, randomness)
         states = batch_text_embeddings(batch, models.text_encoder)
         loss = diffusion_loss(latents, states, models.unet, models.noise_scheduler, randomness, cfg.snr_gamma,
-                              cfg.noise_offset)
+                              cfg.noise_offset, batch["loss_weight"])
         accelerator.backward(loss)
         finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(), accelerator)
         if finite:
@@ -514,15 +562,17 @@ class TrainingStopped(Exception):
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, so the validation loss compares across steps and runs
 
 
-def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None) -> CustomDataset:
-    """The images and captions at `path` with the run's data settings: the one place config names map to
-    CustomDataset's parameters."""
+def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None,
+                 with_classes: bool = False) -> CustomDataset:
+    """The images and captions at `path` (and the class images, `with_classes`) with the run's data settings:
+    the one place config names map to CustomDataset's parameters."""
     return CustomDataset(
         path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
         caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
         strict=strict, cache_path=cache_path, buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale,
         trigger_phrase=cfg.trigger_phrase, shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
-        caption_dropout=cfg.caption_dropout)
+        caption_dropout=cfg.caption_dropout, class_data_path=cfg.class_data_path if with_classes else None,
+        class_prompt=cfg.class_prompt)
 
 
 def held_out_dataset(cfg, dataset: CustomDataset) -> CustomDataset | None:
@@ -647,7 +697,10 @@ def sample_prompts(cfg) -> list[SamplePrompt]:
                             guidance_scale=cfg.validation_guidance_scale, width=cfg.resolution, height=cfg.resolution)
     if cfg.sample_prompts_file:
         return read_prompts_file(Path(cfg.sample_prompts_file), defaults)
-    return [replace(defaults, prompt=prompt, seed=cfg.seed + index) for index, prompt in enumerate(cfg.validation_prompts)]
+    texts = list(cfg.validation_prompts)
+    if cfg.class_data_path and cfg.class_prompt not in texts:  # shows whether the class keeps its meaning
+        texts.append(cfg.class_prompt)
+    return [replace(defaults, prompt=prompt, seed=cfg.seed + index) for index, prompt in enumerate(texts)]
 
 
 def save_samples(cfg, prompts: list[SamplePrompt], accelerator, unet, network, vae, text_encoder, tokenizer,
@@ -680,7 +733,8 @@ def load_data(cfg, accelerator: Accelerator, output_dir: Path,
     """(training images, held-out images or None, run identity). The main process checks the images first and fills
     the check cache the rest read; a resume is refused here when its settings or data differ from the checkpoint's."""
     with accelerator.main_process_first():
-        dataset = make_dataset(cfg, cfg.dataset_path, cfg.strict_data, output_dir / ".image_check_cache.json")
+        dataset = make_dataset(cfg, cfg.dataset_path, cfg.strict_data, output_dir / ".image_check_cache.json",
+                               with_classes=True)
     validation_data = held_out_dataset(cfg, dataset)
     identity = run_identity(cfg, RUN_DEFINING, accelerator.num_processes)
     if resume_folder:
@@ -704,15 +758,17 @@ def inject_lora(cfg, unet, text_encoder):
 def make_dataloader(cfg, dataset: CustomDataset, train_data, tokenizer, processes: int):
     """(the bucket batch sampler, the dataloader over `train_data` it drives)."""
     sampler = BucketBatchSampler([dataset.sizes[example] for example in dataset.order], cfg.train_batch_size,
-                                 cfg.seed, processes)
-    dataloader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=make_collate(tokenizer),
+                                 cfg.seed, processes, [dataset.examples[example].prior for example in dataset.order],
+                                 cfg.prior_loss_weight)
+    dataloader = torch.utils.data.DataLoader(WeightedItems(train_data), batch_sampler=sampler,
+                                             collate_fn=make_collate(tokenizer),
                                              num_workers=cfg.dataloader_num_workers)
     return sampler, dataloader
 
 
 def make_schedule(cfg, optimizer, micro_batches_per_epoch: int):
     """(optimizer steps per epoch, optimizer steps in the run, the learning-rate scheduler)."""
-    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / micro_batches_per_step(cfg))
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -735,7 +791,9 @@ def save_lora_files(cfg, network, ema: Ema | None, final_path: Path, metadata: d
 
 def make_accelerator(cfg, output_dir: Path) -> Accelerator:
     return Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=micro_batches_per_step(cfg), mixed_precision=cfg.mixed_precision,
+        # The sampler yields global batches, each split into one slice per process (see BucketBatchSampler).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output_dir / "logs"),
     )
@@ -783,7 +841,7 @@ def epoch_batches(epoch: int, step: int, steps_per_epoch: int, cfg, accelerator:
     the checkpoint already trained on skipped."""
     sampler.begin_epoch(epoch)
     train_data.begin_epoch(epoch)
-    skip = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    skip = (step % steps_per_epoch) * micro_batches_per_step(cfg)
     return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
 
 
@@ -853,6 +911,11 @@ def main(cfg: argparse.Namespace) -> Path:
     accelerator = make_accelerator(cfg, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir)
+    if cfg.class_data_path and resume_folder is None and accelerator.is_main_process:
+        generate_missing(Path(cfg.class_data_path), cfg.num_class_images, cfg.class_prompt,
+                         cfg.pretrained_model_name_or_path, cfg.resolution, cfg.seed, cfg.validation_inference_steps,
+                         cfg.validation_guidance_scale, accelerator.device, PRECISION_DTYPES[cfg.mixed_precision])
+    accelerator.wait_for_everyone()
     dataset, validation_data, identity = load_data(cfg, accelerator, output_dir, resume_folder)
 
     # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)

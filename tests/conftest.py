@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random SD 1.x model written once per test session, in diffusers layout."""
+"""Shared fixtures: a tiny random SD 1.x model written once per test session, in diffusers layout; and a
+flat-colour dataset of given image sizes."""
 
 import os
 import sys
@@ -11,11 +12,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 from tiny_model import build_tiny_sd  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shaped_dataset(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """One flat image per {file name: (width, height)}, each with a caption, in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        Image.new("RGB", size, (120, 60, 30)).save(root / name)
+        (root / name).with_suffix(".txt").write_text(f"a photo of {name}, red, square, small", encoding="utf-8")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,11 @@ import time
 import psutil
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shaped_dataset
 from settings import ConfigError
 
 TOLERANCE = 1e-5  # gradients are all-reduced in another summation order than one process sums them
@@ -72,6 +73,32 @@ def test_two_processes_match_one_process_with_twice_the_batch(two_process_run, t
     assert len(losses[0]) == len(losses[1]) == 6
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
     assert files_written(two_process_run) == files_written(one)
+
+
+def test_two_processes_with_buckets_and_an_uneven_count_match_one_process(tiny_model_dir, tmp_path):
+    """Buckets on, batch 2 on 2 processes, 5 images in buckets of 3, 1 and 1 (so no global batch of 4 is full):
+    the LoRA and the losses of batch 4 on 1 process, within TOLERANCE."""
+    data = shaped_dataset(tmp_path / "data", {"a.png": (256, 128), "b.png": (260, 130), "c.png": (250, 125),
+                                              "d.png": (128, 256), "e.png": (200, 200)})
+    for index, name in enumerate("abcde"):  # distinct images, so a sample paired with the wrong one shows
+        Image.new("RGB", Image.open(data / f"{name}.png").size, (40 * index, 200 - 30 * index, 90)).save(
+            data / f"{name}.png")
+
+    def args(output, batch):
+        return common(tiny_model_dir, output, "--dataset_path", str(data), "--aspect_ratio_buckets", "true",
+                      "--resolution", "128", "--train_batch_size", batch)
+    process = torchrun(args(tmp_path / "two", "2"))
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    train_lora.main(train_lora.parse_config(args(tmp_path / "one", "4")))
+    a, b = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
 
 
 def test_resume_of_a_two_process_run_is_exact(two_process_run, tiny_model_dir, tmp_path):

@@ -4,21 +4,12 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shaped_dataset
 from dataset import BucketBatchSampler, CustomDataset, bucket_size
 from ema import Ema
-
-
-def shaped_dataset(root, sizes: dict[str, tuple[int, int]]):
-    root.mkdir(parents=True, exist_ok=True)
-    for name, size in sizes.items():
-        Image.new("RGB", size, (120, 60, 30)).save(root / name)
-        (root / name).with_suffix(".txt").write_text(f"a photo of {name}, red, square, small", encoding="utf-8")
-    return root
 
 
 def run(tiny_model_dir, output_dir, dataset_path, *extra):
@@ -48,7 +39,7 @@ def test_bucket_batches_share_one_shape_and_keep_aspect(tmp_path):
                                            "square.png": (200, 200), "wide3.png": (256, 128)})
     data = CustomDataset(root, resolution=128, buckets=True)
     sampler = BucketBatchSampler([data.sizes[e] for e in data.order], 2, seed=0)
-    batches = list(sampler)
+    batches = [[draw.index for draw in batch] for batch in sampler]
     assert sorted(i for batch in batches for i in batch) == list(range(len(data)))
     for batch in batches:
         shapes = {tuple(data[i]["pixel_values"].shape) for i in batch}
@@ -56,6 +47,21 @@ def test_bucket_batches_share_one_shape_and_keep_aspect(tmp_path):
     wide = [e.path.name for e in data.examples].index("wide1.png")
     assert data[wide]["pixel_values"].shape == (3, 64, 128)  # 2:1 kept, within 128² px, sides in steps of 64
     assert "buckets (items)" in data.summary()
+
+
+def test_global_batches_on_several_processes_are_the_single_process_batches_padded():
+    """With 2 processes and batch 2, each global batch is the batch-4 single-process batch (same items, same
+    order of batches), padded to 4 with weight-0 draws, and its real draws' weights sum to the process count."""
+    sizes = [(128, 64)] * 5 + [(64, 128)] * 2 + [(64, 64)]  # buckets of 5, 2 and 1: no batch of 4 divides them
+    one = list(BucketBatchSampler(sizes, 4, seed=3, processes=1))
+    two = list(BucketBatchSampler(sizes, 2, seed=3, processes=2))
+    assert len(two) == len(one) == len(BucketBatchSampler(sizes, 2, seed=3, processes=2)) == 4
+    for single, split in zip(one, two):
+        real = [draw for draw in split if draw.weight > 0]
+        assert [draw.index for draw in real] == [draw.index for draw in single]
+        assert len(split) == 4 and len({sizes[draw.index] for draw in split}) == 1
+        assert sum(draw.weight for draw in real) == pytest.approx(2.0)
+        assert sum(draw.weight for draw in single) == pytest.approx(1.0)
 
 
 def test_resume_with_buckets_is_exact(tiny_model_dir, tmp_path):
