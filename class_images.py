@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from dataset import IMAGE_EXTENSIONS, is_ignored
+from dataset import IMAGE_EXTENSIONS, data_files
 from file_utils import atomic_write
 
 GENERATION_BATCH = 4  # images per pipeline call
@@ -23,8 +23,7 @@ def images_in(folder: Path) -> list[Path]:
     """The image files under `folder` (sub-folders included), as the dataset scan finds them."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(p.relative_to(folder)))
+    return [p for p in data_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def free_names(folder: Path, count: int) -> list[Path]:
@@ -66,5 +65,4 @@ def generate_missing(folder: Path, wanted: int, prompt: str, model: str, resolut
                 image.save(encoded, format="PNG")
                 atomic_write(path, encoded.getvalue())  # the image last: a kill leaves no image without caption
                 progress.update(1)
-    del pipeline
     return missing

@@ -66,6 +66,11 @@ def is_ignored(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts) or path.name.lower() in IGNORED_NAMES
 
 
+def data_files(root: Path) -> list[Path]:
+    """Every file under `root` (sub-folders included) that may be data, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
+
+
 def load_image(path: Path) -> tuple[Image.Image, list[str]]:
     """Fully decode an image to 8-bit RGB, the right way for each mode. Returns (image, notes).
 
@@ -187,7 +192,7 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
     if not root.is_dir():
         kind = "dataset" if option == "dataset_path" else "class"
         raise DatasetError(f"{kind} folder {root} does not exist; set {option} to a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
+    files = data_files(root)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         found = Counter(p.suffix.lower() or "(no extension)" for p in files)
@@ -276,10 +281,10 @@ class BucketBatchSampler:
                  prior: list[bool] | None = None, prior_loss_weight: float = 1.0):
         self.sizes, self.seed, self.processes, self.epoch = sizes, seed, processes, 0
         self.batch_size = batch_size * processes  # accelerate splits each global batch into per-process slices
-        self.prior = prior if prior and any(prior) else None
         self.prior_loss_weight = prior_loss_weight
-        self.instances = [i for i in range(len(sizes)) if not (self.prior and self.prior[i])]
-        self.classes = [i for i in range(len(sizes)) if self.prior and self.prior[i]]
+        prior = prior or [False] * len(sizes)
+        self.instances = [i for i in range(len(sizes)) if not prior[i]]
+        self.classes = [i for i in range(len(sizes)) if prior[i]]  # empty: no prior preservation
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -313,7 +318,7 @@ class BucketBatchSampler:
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         instance_batches = self.batches(self.instances, generator)
-        if not self.prior:
+        if not self.classes:
             for batch in instance_batches:
                 yield self.draws(batch, 1.0)
             return
@@ -324,7 +329,7 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         batches = sum(math.ceil(n / self.batch_size) for n in Counter(self.sizes[i] for i in self.instances).values())
-        return 2 * batches if self.prior else batches
+        return 2 * batches if self.classes else batches
 
 
 class WeightedItems(Dataset):
@@ -530,8 +535,12 @@ class CustomDataset(Dataset):
                  e.sha256, e.caption) for e in self.examples]
         return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
+    def class_images(self) -> int:
+        """How many of the examples are class images (prior preservation)."""
+        return sum(e.prior for e in self.examples)
+
     def summary(self) -> str:
-        classes = sum(e.prior for e in self.examples)
+        classes = self.class_images()
         lines = [f"dataset {self.root}: {len(self.examples) - classes} usable, {len(self.skipped)} skipped"]
         if classes:
             lines.append(f"  class images {self.class_root}: {classes}, trained beside them for prior preservation")
@@ -547,7 +556,7 @@ class CustomDataset(Dataset):
         """JSON report of what was used and what was skipped and why (the data_report.json of a run)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        classes = sum(e.prior for e in self.examples)
+        classes = self.class_images()
         report = {"dataset_path": str(self.root), "usable": len(self.examples) - classes + held_out,
                   "training": len(self.examples) - classes, "held_out_for_validation": held_out,
                   "class_data_path": str(self.class_root) if self.class_root else None, "class_images": classes,

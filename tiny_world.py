@@ -164,10 +164,9 @@ def classify(image: Image.Image) -> dict[str, str]:
     ys, xs = np.nonzero(mask)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = mask.sum() / (height * width)
-    centroid_y = (ys.mean() - ys.min()) / max(height - 1, 1)  # 0 top .. 1 bottom of the box
     # A triangle, apex up, is narrow at the top and wide at the base; a star is widest at its arms; a circle or a
     # square is as wide in its upper half as in its lower. Thresholds read off the world's own pictures before and
-    # after a VAE round trip, whose blur rounds small shapes off (test_tiny_world checks them).
+    # after a VAE round trip, whose blur rounds small shapes off (test_tiny_world checks both).
     rows = mask[ys.min():ys.max() + 1].sum(axis=1).astype(np.float32)
     upper = rows[int(0.3 * height):max(int(0.45 * height), int(0.3 * height) + 1)]
     lower = rows[int(0.75 * height):int(0.9 * height) + 1]

@@ -78,7 +78,8 @@ DEFAULTS = {name: value for name, value in list(globals().items())
 CONFIG_NAMES = list(DEFAULTS)
 # Every setting above defines the run (a resume must share it to continue exactly) except these, which only say
 # where files go, when to save, sample and validate, how fast, and how careful. The data is compared by fingerprint.
-NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "output_dir", "checkpointing_steps",
+                    "checkpoints_total_limit",
                     "resume_from_checkpoint", "validation_prompts", "sample_prompts_file", "validation_steps",
                     "validation_split", "validation_dataset_path", "validation_inference_steps",
                     "validation_guidance_scale", "dataloader_num_workers", "cache_latents", "cache_text_embeddings",

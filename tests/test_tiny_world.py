@@ -4,8 +4,10 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
-from diffusers import StableDiffusionPipeline
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
 import pretrain_tiny
@@ -29,6 +31,24 @@ def test_classifier_reads_every_concept_off_drawn_pictures():
         wrong += sum(seen[name] != getattr(picture, name) for name in ("shape", "colour", "background", "size"))
         total += 4
     assert wrong / total <= 0.01
+
+
+def test_classifier_reads_shapes_after_the_shipped_vae():
+    """Through a round trip of the shipped model's VAE, whose blur rounds small shapes off, the classifier still
+    reads the shape of at least 95 % of the world's circles, squares and triangles and of its large stars (small
+    stars do not survive this VAE, which never saw a star)."""
+    vae = AutoencoderKL.from_pretrained(str(SHIPPED_MODEL), subfolder="vae").eval()
+    rng = random.Random(11)
+    pictures = [tiny_world.random_picture(rng, shapes=tiny_world.SHAPES + tiny_world.HELD_OUT_SHAPES)
+                for _ in range(240)]
+    drawn = torch.stack([torch.from_numpy(np.asarray(tiny_world.draw(p, rng), dtype=np.float32) / 127.5 - 1)
+                         .permute(2, 0, 1) for p in pictures])
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(drawn).latent_dist.mean).sample.clamp(-1, 1)
+    graded = [(p, tiny_world.classify(Image.fromarray(((d.permute(1, 2, 0).numpy() + 1) * 127.5).round()
+                                                      .astype(np.uint8)))["shape"])
+              for p, d in zip(pictures, decoded) if not (p.shape == "star" and p.size == "small")]
+    assert sum(seen == p.shape for p, seen in graded) / len(graded) >= 0.95
 
 
 def test_pretraining_never_draws_or_names_a_held_out_concept():
