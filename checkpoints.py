@@ -42,8 +42,7 @@ def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str,
     shutil.rmtree(temporary, ignore_errors=True)
     network.save(temporary / LORA_FILE_NAME, lora_metadata)  # refuses non-finite weights
     optimizer_state = optimizer.state_dict()
-    tensors = {f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
-               for index, param_state in optimizer_state["state"].items() for key, value in param_state.items()}
+    tensors, scalars = split_optimizer_state(optimizer_state["state"])
     tensors |= {f"extra.{key}": value.detach().cpu().contiguous() for key, value in (extra_tensors or {}).items()}
     bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -54,7 +53,8 @@ def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str,
     if grad_scaler is not None:
         state = dict(state, grad_scaler=grad_scaler.state_dict())
     atomic_write(temporary / STATE_TENSORS, safetensors_bytes(tensors))
-    full_state = dict(state, param_groups=optimizer_state["param_groups"], lr_scheduler=lr_scheduler.state_dict())
+    full_state = dict(state, param_groups=optimizer_state["param_groups"], optimizer_scalars=scalars,
+                      lr_scheduler=lr_scheduler.state_dict())
     atomic_write(temporary / STATE_JSON, json.dumps(full_state, indent=1).encode("utf-8"))
     if folder.exists():  # an invalid leftover of an earlier crash at this same step
         remove_checkpoint(folder)
@@ -64,6 +64,49 @@ def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str,
                 "config_fingerprint": state.get("config_fingerprint"),
                 "dataset_fingerprint": state.get("dataset_fingerprint")}
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+
+
+def split_optimizer_state(per_parameter: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's per-parameter state as (tensors keyed "optimizer.<index>.<key>", the JSON-able rest keyed
+    {index: {key: value}}). Nested dicts (8-bit AdamW's quantisation state) join their keys with "/"; plain numbers
+    (Prodigy's and Adafactor's step counters) go to JSON."""
+    tensors, scalars = {}, {}
+
+    def walk(index, prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(index, f"{prefix}{key}/", value)
+            elif isinstance(value, torch.Tensor):
+                # A copy each: 8-bit AdamW shares one quantisation map between parameters; safetensors refuses
+                # shared storage.
+                tensors[f"optimizer.{index}.{prefix}{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(str(index), {})[prefix + key] = value
+
+    for index, values in per_parameter.items():
+        walk(index, "", values)
+    return tensors, scalars
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    """The inverse of split_optimizer_state."""
+    per_parameter: dict = {}
+
+    def put(index: str, path: str, value) -> None:
+        *parents, name = path.split("/")
+        entry = per_parameter.setdefault(int(index), {})
+        for parent in parents:
+            entry = entry.setdefault(parent, {})
+        entry[name] = value
+
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, path = key.split(".", 2)
+            put(index, path, value)
+    for index, values in scalars.items():
+        for path, value in values.items():
+            put(index, path, value)
+    return per_parameter
 
 
 def check_checkpoint(folder: Path) -> str | None:
@@ -136,12 +179,8 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler,
     except SafetensorError as error:
         raise CheckpointError(f"cannot resume from {folder}: {STATE_TENSORS} is unreadable ({error})") from None
     state = read_state(folder)
-    optimizer_state = {"state": {}, "param_groups": state["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            optimizer_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optimizer_state)
+    optimizer.load_state_dict({"state": join_optimizer_state(tensors, state.get("optimizer_scalars", {})),
+                               "param_groups": state["param_groups"]})
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]

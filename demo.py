@@ -2,6 +2,7 @@
 
     python demo.py                      # a style: "sks" paints known shapes in purple, a colour it never saw
     python demo.py --concept sks-star   # a subject: "sks" is a star, a shape it never saw
+    python demo.py --name prodigy -- --optimizer prodigy --learning_rate 1.0   # flags after -- go to train_lora.py
 
 The model in models/tiny-sd-world/ was pretrained by pretrain_tiny.py on a world of coloured shapes with purple
 and stars held out. The demo draws eight pictures of the concept, trains a LoRA on them with the real
@@ -69,20 +70,36 @@ def before_after_grid(report: tiny_world.LearningReport, concept: tiny_world.Con
     return labelled_rows(rows)
 
 
+def known_prompt_shares(report: tiny_world.LearningReport, per_prompt: int) -> dict[str, tuple[float, float]]:
+    """Each known prompt's share of asked attributes drawn, (base, with the LoRA)."""
+    shares = {}
+    for index, prompt in enumerate(tiny_world.KNOWN_PROMPTS):
+        part = slice(index * per_prompt, (index + 1) * per_prompt)
+        shares[prompt] = tuple(tiny_world.attribute_share([prompt] * per_prompt, report.images[f"prior_{label}"][part])
+                               for label in ("base", "lora"))
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    own, training_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="flags after -- are passed to train_lora.py after the recipe's, so they "
+                                            "override it: python demo.py -- --optimizer lion --learning_rate 3e-4")
     parser.add_argument("--concept", choices=sorted(tiny_world.CONCEPTS), default="sks-purple")
     parser.add_argument("--model", default=str(MODEL_DIR), help="the pretrained tiny model folder")
-    args = parser.parse_args(argv)
+    parser.add_argument("--name", default="", help="the run's folder under demo_output/ (default: the concept)")
+    parser.add_argument("--samples_per_prompt", type=int, default=6, help="graded samples of each test prompt")
+    args = parser.parse_args(own)
     concept = tiny_world.CONCEPTS[args.concept]
-    run_dir = DEMO_DIR / concept.name
+    run_dir = DEMO_DIR / (args.name or concept.name)
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: start it afresh each time
     data_dir = tiny_world.write_concept_dataset(concept, DEMO_DIR / f"{concept.name}-data")
     print(f"{concept.kind} concept {concept.name!r}: 8 pictures with captions in {data_dir}")
     lora_path = run_training([
         "--pretrained_model_name_or_path", args.model, "--dataset_path", str(data_dir), "--output_dir", str(run_dir),
         *RECIPE, "--checkpointing_steps", "300", "--validation_steps", "300", "--validation_guidance_scale", str(tiny_world.GUIDANCE),
-        "--validation_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS,
+        "--validation_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS, *training_flags,
     ])
 
     # Grade: the same prompts and seeds with and without the LoRA, through generate.py's loader (fused weights).
@@ -91,25 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     with_lora = generate.load_pipeline(settings, [(lora_path, 1.0)])
     for pipe in (base, with_lora):
         pipe.set_progress_bar_config(disable=True)
-    per_prompt = 6
+    per_prompt = args.samples_per_prompt
     report = tiny_world.grade_lora(base, with_lora, concept, samples_per_prompt=per_prompt)
     before_after_grid(report, concept, per_prompt).save(run_dir / LEARNING_GRID_NAME)
     figures = {name: getattr(report, name) for name in ("concept_base", "concept_lora", "prior_base", "prior_lora")}
+    by_prompt = known_prompt_shares(report, per_prompt)
     (run_dir / LEARNING_NAME).write_text(json.dumps({
         "concept": concept.name, "kind": concept.kind, "reads": f"{concept.attribute} == {concept.value}",
         "concept_prompts": list(concept.prompts), "known_prompts": list(tiny_world.KNOWN_PROMPTS),
-        "samples_per_prompt": per_prompt, **figures}, indent=2) + "\n", encoding="utf-8")
+        "samples_per_prompt": per_prompt, **figures, "known_by_prompt": by_prompt}, indent=2) + "\n",
+        encoding="utf-8")
     write_report(run_dir)
-    shutil.copyfile(run_dir / LEARNING_GRID_NAME, DEMO_DIR / "before_after.png")
+    if not args.name:  # the default demo's grid, where the README points
+        shutil.copyfile(run_dir / LEARNING_GRID_NAME, DEMO_DIR / "before_after.png")
 
     print(f"\nwhat the LoRA learned ({concept.kind} {concept.name!r}, graded by tiny_world.classify):")
     for line in report.lines():
         print(f"  {line}")
+    for prompt, (base_share, lora_share) in by_prompt.items():
+        print(f"    {prompt!r}: {base_share:.0%} base, {lora_share:.0%} with the LoRA")
     reached = (all(figures[name] >= level for name, level in SHARES_TO_REACH.items())
                and figures["concept_base"] <= BASE_CONCEPT_AT_MOST)
     print(f"  {'reached' if reached else 'MISSED'}: concept >= 90 % with the LoRA and <= 10 % without, "
           f"known prompts >= 90 %")
-    print(f"before/after grid: {DEMO_DIR / 'before_after.png'}; report: {run_dir / 'report.html'}")
+    print(f"before/after grid: {run_dir / LEARNING_GRID_NAME}; report: {run_dir / 'report.html'}")
     return 0 if reached else 1
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from file_utils import atomic_write
@@ -31,7 +32,14 @@ _DELTA_TOLERANCE = 1e-4  # file and network deltas are both fp32: they differ by
 def _a1111_name(name: str) -> str:
     """The module name AUTOMATIC1111 (extensions-builtin/Lora, `convert_diffusers_name_to_compvis`) looks up for
     a kohya SD 1.x name. Its block numbers are fixed to SD 1.x's layout: 3 input and 3 output blocks per level.
-    Other names are looked up unchanged (and miss); conv_in/out and samplers are 3x3 and never carry our LoRA."""
+    Other names are looked up unchanged (and miss); conv_in/out never carry our LoRA."""
+    found = re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", name)
+    if found:
+        return f"diffusion_model_input_blocks_{3 + int(found.group(1)) * 3}_0_op"
+    found = re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", name)
+    if found:  # up level 0 of SD 1.x has no attentions: its upsampler is the block's second module, else third
+        level = int(found.group(1))
+        return f"diffusion_model_output_blocks_{2 + level * 3}_{2 if level > 0 else 1}_conv"
     found = re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
     if found:
         side, level, part, index, rest = found.groups()
@@ -57,15 +65,25 @@ def _ldm_rest(part: str, rest: str, separator: str) -> str:
     return rest if part == "attentions" else _RESNET_LDM_NAMES.get(rest, rest).replace(".", separator)
 
 
-def _ldm_unet_path(module_path: str, layers_per_block: int) -> str | None:
+def _ldm_unet_path(module_path: str, unet: nn.Module) -> str | None:
     """Where a diffusers UNet module sits in the original CompVis UNet (ldm openaimodel.py, what A1111 runs),
     for any number of layers per block: input block 0 is conv_in, each down level has `layers_per_block` blocks
-    and a downsampler, each up level `layers_per_block + 1` blocks, the middle block is resnet, attention, resnet.
-    None for modules outside the resnets, attentions and time embedding."""
+    and a block holding its downsampler (`op`), each up level `layers_per_block + 1` blocks, the last also holding
+    the upsampler after its resnet and attention; the middle block is resnet, attention, resnet.
+    None for modules outside the resnets, attentions, samplers and time embedding."""
+    layers_per_block = unet.config.layers_per_block
+    per_level = layers_per_block + 1
+    found = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module_path)
+    if found:
+        return f"input_blocks.{(int(found.group(1)) + 1) * per_level}.0.op"
+    found = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module_path)
+    if found:
+        level = int(found.group(1))
+        inside = 2 if hasattr(unet.up_blocks[level], "attentions") else 1
+        return f"output_blocks.{level * per_level + layers_per_block}.{inside}.conv"
     found = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", module_path)
     if found:
         side, level, part, index, rest = found.groups()
-        per_level = layers_per_block + 1
         block = 1 + int(level) * per_level + int(index) if side == "down" else int(level) * per_level + int(index)
         blocks = "input_blocks" if side == "down" else "output_blocks"
         return f"{blocks}.{block}.{int(part == 'attentions')}.{_ldm_rest(part, rest, '.')}"
@@ -93,7 +111,7 @@ def _a1111_unmatched(names: list[str], unet: nn.Module, text_encoder: nn.Module 
     SD 1.x numbering on a UNet with another layout)."""
     own_name = {}  # A1111's name of a module of this model -> the kohya name of the same module
     for module_path in _layer_paths(unet, "unet"):
-        ldm_path = _ldm_unet_path(module_path, unet.config.layers_per_block)
+        ldm_path = _ldm_unet_path(module_path, unet)
         if ldm_path is not None:
             own_name["diffusion_model_" + ldm_path.replace(".", "_")] = unet_lora_name(module_path)
     for module_path in _layer_paths(text_encoder, "text_encoder"):
@@ -126,14 +144,16 @@ def _network_layers(models: dict[str, nn.Module]) -> dict[tuple[str, str], LoRAL
 
 def _delta_error(modules: LoRAModules, layers: dict[tuple[str, str], LoRALayer]) -> float:
     """max over shared modules of |delta_file x - delta_network x| / max(1, |delta_network x|) for a fixed x:
-    the file's (alpha / rank) up @ down against the network's own scale * up(down(x))."""
+    the file's (alpha / rank) up @ down against the network's own scale * up(down(x)). For a convolution x is one
+    kernel-sized patch, taken without the layer's stride and padding, so down(x) is one output pixel."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for key in sorted(modules.keys() & layers.keys()):
         layer = layers[key]
         x = torch.randn(2, *layer.down.weight.shape[1:], generator=generator).to(layer.down.weight.device)
         with torch.no_grad():
-            expected = (layer.scale * layer.up(layer.down(x))).flatten(1).cpu()
+            down = F.conv2d(x, layer.down.weight) if isinstance(layer.down, nn.Conv2d) else layer.down(x)
+            expected = (layer.scale * layer.up(down)).flatten(1).cpu()
         from_file = x.flatten(1).cpu() @ modules[key].delta().T
         worst = max(worst, ((from_file - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item())
     return worst

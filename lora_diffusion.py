@@ -8,6 +8,7 @@ The network's state is the LoRA file (lora_file.py writes and reads it; lora_too
 and inspects files; interop.py checks a file against diffusers, AUTOMATIC1111 and ComfyUI).
 """
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,25 +22,30 @@ from lora_file import (
 )
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# LoCon (kohya's conv_dim): the 3x3 convolutions of the ResNet blocks and of the down- and upsamplers.
+CONV_TARGETS = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class LoRALayer(nn.Module):
-    """Wraps a frozen `nn.Linear` (or 1x1 `nn.Conv2d`) and adds a trainable low-rank update:
+    """Wraps a frozen `nn.Linear` or `nn.Conv2d` and adds a trainable low-rank update:
 
         out = base(x) + multiplier * scale * up(down(dropout(x))),    scale = alpha / rank
 
     Shapes: x is (..., in) for Linear, (B, in, H, W) for Conv2d; `down` is A (rank x in), Kaiming-uniform;
-    `up` is B (out x rank), zeros, so a new layer is an exact no-op. `multiplier` is the user's strength (1 as
-    trained). The LoRA weights are fp32 whatever the base dtype; the update is cast to the base output's dtype.
+    `up` is B (out x rank), zeros, so a new layer is an exact no-op. For a k x k convolution `down` is a k x k
+    convolution to `rank` channels with the base's stride and padding and `up` a 1x1 one (kohya's LoCon), so the
+    update's kernel is up @ down, [out, in, k, k]. `multiplier` is the user's strength (1 as trained). The LoRA
+    weights are fp32 whatever the base dtype; the update is cast to the base output's dtype.
     """
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int = 4, alpha: float = 4.0, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise LoRAError(f"rank must be a positive integer, got {rank}")
-        if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1):
-            raise LoRAError(f"only 1x1 convolutions can take LoRA, got kernel {base.kernel_size}")
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise LoRAError(f"only plain convolutions can take LoRA, got groups={base.groups}, "
+                            f"padding_mode={base.padding_mode!r}")
         self.base = base
         self.rank = rank
         self.alpha = float(alpha)
@@ -50,7 +56,8 @@ class LoRALayer(nn.Module):
             self.down = nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32, device=base.weight.device)
             self.up = nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32, device=base.weight.device)
         else:
-            self.down = nn.Conv2d(base.in_channels, rank, 1, bias=False, dtype=torch.float32, device=base.weight.device)
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  bias=False, dtype=torch.float32, device=base.weight.device)
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=torch.float32, device=base.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
@@ -99,14 +106,18 @@ class LoRANetwork:
     """Owns every injected LoRALayer; its tensors and metadata are the LoRA file.
 
     `layers` maps (model, module path) to the layer living inside the model, model in {"unet", "text_encoder"}
-    (text-encoder paths without transformers 4.x's `text_model.`, as in the file reader).
+    (text-encoder paths without transformers 4.x's `text_model.`, as in the file reader). `conv_rank` and
+    `conv_alpha` are the 3x3 convolutions' (0 and None without LoCon).
     """
 
-    def __init__(self, layers: dict[tuple[str, str], LoRALayer], rank: int, alpha: float, targets: tuple[str, ...]):
+    def __init__(self, layers: dict[tuple[str, str], LoRALayer], rank: int, alpha: float, targets: tuple[str, ...],
+                 conv_rank: int = 0, conv_alpha: float | None = None):
         self.layers = layers
         self.rank = rank
         self.alpha = alpha
         self.targets = targets
+        self.conv_rank = conv_rank
+        self.conv_alpha = conv_alpha
         self._parameters = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
 
     def parameters(self) -> list[nn.Parameter]:
@@ -141,7 +152,8 @@ class LoRANetwork:
             problems.append(f"{len(wrong_shape)} shape mismatch(es) (a LoRA for another model or rank?): "
                             f"{first_few(wrong_shape)}")
         if problems:
-            raise LoRAError(f"{source} does not match this network (rank {self.rank}, targets {list(self.targets)}):\n  "
+            raise LoRAError(f"{source} does not match this network (rank {self.rank}, conv rank {self.conv_rank}, "
+                            f"targets {list(self.targets)}):\n  "
                             + "\n  ".join(problems))
         modules, unparsed = parse_lora_tensors(tensors, {})
         assert not unparsed and modules.keys() == self.layers.keys(), unparsed  # the keys are the writer's own
@@ -157,6 +169,10 @@ class LoRANetwork:
         header = {"rank": str(self.rank), "alpha": str(self.alpha), "targets": ",".join(self.targets),
                   "format_version": FORMAT_VERSION, "ss_network_module": "networks.lora",
                   "ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha)}
+        if self.conv_rank:  # kohya's network_args, which its tools read back to rebuild a LoCon network
+            header |= {"conv_rank": str(self.conv_rank), "conv_alpha": str(self.conv_alpha),
+                       "ss_network_args": json.dumps({"conv_dim": str(self.conv_rank),
+                                                      "conv_alpha": str(self.conv_alpha)})}
         header.update(metadata or {})
         return write_lora_file(path, self.modules(), header)
 
@@ -168,7 +184,8 @@ class LoRANetwork:
 
 
 def _matching_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
-    """Paths of the modules whose path ends with `.<target>` for one of the targets (e.g. `attn2.to_out.0`)."""
+    """Paths of the Linear and Conv2d modules whose path ends with `.<target>` for one of the targets (e.g.
+    `attn2.to_out.0`)."""
     suffixes = tuple("." + t for t in targets)
     return [path for path, module in model.named_modules() if path.endswith(suffixes) and is_lora_target(module)]
 
@@ -194,21 +211,29 @@ def inject_trainable_lora(
     dropout: float = 0.0,
     text_encoder: nn.Module | None = None,
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS,
+    conv_rank: int = 0,
+    conv_alpha: float = 1.0,
 ) -> LoRANetwork:
     """Wrap every UNet module whose path ends with one of `targets` (and, when `text_encoder` is given, its
-    attention projections) in a LoRALayer, freeze everything else, and return the network that owns them."""
-    models = [("UNet", "unet", unet, targets)]
+    attention projections) in a LoRALayer, and with `conv_rank` > 0 the UNet's 3x3 convolutions (CONV_TARGETS) in
+    LoRALayers of that rank and `conv_alpha`; freeze everything else, and return the network that owns them."""
+    wanted = [("UNet", "unet", unet, targets, rank, alpha)]
+    if conv_rank:
+        wanted.append(("UNet", "unet", unet, CONV_TARGETS, conv_rank, conv_alpha))
     if text_encoder is not None:
-        models.append(("text encoder", "text_encoder", text_encoder, text_encoder_targets))
-    layers: dict[tuple[str, str], LoRALayer] = {}
-    for label, model_name, model, model_targets in models:
+        wanted.append(("text encoder", "text_encoder", text_encoder, text_encoder_targets, rank, alpha))
+    for label, _, model, *_ in wanted:
         if any(isinstance(m, LoRALayer) for m in model.modules()):
             raise LoRAError(f"the {label} already has LoRA layers; build a fresh model before injecting again")
+    layers: dict[tuple[str, str], LoRALayer] = {}
+    for label, model_name, model, model_targets, model_rank, model_alpha in wanted:
         paths = _matching_paths(model, model_targets)
         if not paths:
             raise LoRAError(f"no {label} module matches targets {list(model_targets)}; "
                             f"target names are module path endings such as 'to_q' or 'to_out.0'")
         model.requires_grad_(False)
-        layers.update(_wrap(model, model_name, paths, rank, alpha, dropout))
-    all_targets = tuple(targets) + (tuple(text_encoder_targets) if text_encoder is not None else ())
-    return LoRANetwork(layers, rank=rank, alpha=alpha, targets=all_targets)
+        layers.update(_wrap(model, model_name, paths, model_rank, model_alpha, dropout))
+    all_targets = tuple(targets) + (CONV_TARGETS if conv_rank else ()) \
+        + (tuple(text_encoder_targets) if text_encoder is not None else ())
+    return LoRANetwork(layers, rank=rank, alpha=alpha, targets=all_targets, conv_rank=conv_rank,
+                       conv_alpha=conv_alpha if conv_rank else None)

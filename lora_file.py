@@ -56,7 +56,7 @@ class LoRAError(ValueError):
 class LoRAModule:
     """One module's LoRA as a file stores it: delta W = (alpha / rank) * up @ down.
 
-    down: [rank, in] (Linear) or [rank, in, 1, 1] (1x1 Conv2d); up: [out, rank] or [out, rank, 1, 1].
+    down: [rank, in] (Linear) or [rank, in, k, k] (k x k Conv2d); up: [out, rank] or [out, rank, 1, 1].
     """
 
     down: torch.Tensor
@@ -72,7 +72,8 @@ class LoRAModule:
         return self.alpha / self.rank
 
     def delta(self) -> torch.Tensor:
-        """(alpha / rank) * up @ down as an fp32 [out, in] matrix (a 1x1 kernel flattened)."""
+        """(alpha / rank) * up @ down as an fp32 [out, in * k * k] matrix (a k x k kernel flattened as
+        Conv2d weights are, so reshaping it to the weight's shape gives the kernel's delta)."""
         return self.scale * (self.up.flatten(1).float() @ self.down.flatten(1).float())
 
 
@@ -347,7 +348,8 @@ def first_few(items: list[str], count: int = 5) -> str:
 # Into a model: deltas and fusing
 
 def is_lora_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+    """A Linear, or a plain convolution of any kernel (1x1, or 3x3 with LoCon)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
 def _submodule(model: nn.Module | None, model_name: str, module_path: str) -> nn.Module | None:

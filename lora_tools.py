@@ -118,7 +118,9 @@ def resize_lora_file(path: str | Path, out: str | Path, rank: int) -> tuple[dict
 
 def _target_name(module_path: str) -> str:
     """The projection a path ends in, inside its block: `...transformer_blocks.0.attn1.to_q` -> `attn1.to_q`,
-    `...attentions.0.proj_in` -> `proj_in`, `encoder.layers.3.self_attn.q_proj` -> `self_attn.q_proj`."""
+    `...attentions.0.proj_in` -> `proj_in`, `encoder.layers.3.self_attn.q_proj` -> `self_attn.q_proj`,
+    `...resnets.1.conv2` -> `conv2`, `...downsamplers.0.conv` -> `downsamplers.conv`."""
+    module_path = re.sub(r"^.*\.(downsamplers|upsamplers)\.\d+\.", r"\1.", module_path)
     return re.sub(r"^.*\.(?:transformer_blocks|attentions|resnets|layers)\.\d+\.", "", module_path)
 
 

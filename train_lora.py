@@ -30,18 +30,21 @@ rank = 4  # size of the low-rank update
 alpha = 4.0  # update scale is alpha / rank
 lora_dropout = 0.0  # dropout on the LoRA input
 lora_targets = "attention"  # attention: q/k/v/out projections; all: also feed-forward and proj_in/proj_out
+conv_rank = 0  # LoCon: also LoRA on the 3x3 convolutions of ResNet blocks and samplers (kohya's conv_dim); 0: off
+conv_alpha = 1.0  # conv update scale is conv_alpha / conv_rank (kohya's conv_alpha)
 train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
 text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rate
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
-learning_rate = 1e-4  # AdamW learning rate for the LoRA weights
+optimizer = "adamw"  # adamw, adamw8bit, prodigy (learning_rate 1.0), adafactor (its own step size), lion
+learning_rate = 1e-4  # learning rate for the LoRA weights (Prodigy: a multiplier of its own estimate)
 lr_scheduler = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
 lr_warmup_steps = 0  # optimizer steps
 max_train_steps = 1000  # optimizer steps; 0: run num_train_epochs instead
 num_train_epochs = 0  # used when max_train_steps is 0
 max_grad_norm = 1.0  # gradient clipping; 0 turns it off
-adam_weight_decay = 1e-2  # AdamW weight decay
+adam_weight_decay = 1e-2  # decoupled weight decay of the optimizer (Lion: 3-10x larger)
 snr_gamma = 0.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556), 5.0 in the paper; 0: off
 noise_offset = 0.0  # extra per-channel noise offset: fuller range of brightness; 0.05-0.1 typical; 0: off
 ema_decay = 0.0  # keep an EMA of the LoRA weights, saved as its own file, e.g. 0.999; 0: off
@@ -65,7 +68,6 @@ cache_latents = True  # VAE-encode each image once before training (off by itsel
 cache_text_embeddings = True  # encode each caption once (off by itself when the text encoder trains)
 cache_latents_to_disk = False  # also keep the latents in output_dir/latent_cache/ for the next run
 gradient_checkpointing = False  # recompute UNet activations in the backward pass: much less memory, slower
-use_8bit_adam = False  # 8-bit AdamW from bitsandbytes (pip install bitsandbytes; CUDA): less optimizer memory
 # --- safety ---
 strict_data = False  # True: any unusable image stops the run instead of being skipped
 resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
@@ -110,7 +112,6 @@ from accelerate.utils import gather_object  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
-from diffusers.optimization import get_scheduler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
@@ -125,9 +126,10 @@ from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedIt
 from report import write_report  # noqa: E402
 from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from interop import check_interop, write_interop_report  # noqa: E402
-from lora_diffusion import UNET_TARGETS, inject_trainable_lora  # noqa: E402
+from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora  # noqa: E402
 from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from ema import Ema  # noqa: E402
+from optimizers import build_optimizer, make_lr_scheduler, optimizer_problems  # noqa: E402
 from settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
 )
@@ -165,6 +167,8 @@ def check_config(cfg: argparse.Namespace) -> None:
          f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8), e.g. 512")
     need(cfg.rank >= 1, f"--rank {cfg.rank}: must be at least 1 (4 to 32 is usual)")
     need(cfg.alpha > 0, f"--alpha {cfg.alpha}: must be positive (alpha = rank gives scale 1)")
+    need(cfg.conv_rank >= 0, f"--conv_rank {cfg.conv_rank}: cannot be negative (0: no conv LoRA; 4 to 16 is usual)")
+    need(cfg.conv_alpha > 0, f"--conv_alpha {cfg.conv_alpha}: must be positive (1 as in kohya's scripts)")
     need(cfg.train_batch_size >= 1, f"--train_batch_size {cfg.train_batch_size}: must be at least 1")
     need(cfg.gradient_accumulation_steps >= 1,
          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: must be at least 1")
@@ -180,8 +184,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
-    need(not cfg.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
-         "--use_8bit_adam true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs), or set use_8bit_adam false")
+    for problem in optimizer_problems(cfg.optimizer, cfg.learning_rate, set_by_user(cfg)):
+        raise ConfigError(problem)
     check_prior_preservation(cfg)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
@@ -369,18 +373,19 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
     }
 
 
+def set_by_user(cfg) -> set[str]:
+    """The settings whose values differ from their defaults."""
+    return {name for name in CONFIG_NAMES if getattr(cfg, name) != DEFAULTS[name]}
+
+
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
-    """AdamW over the LoRA weights: the UNet's at learning_rate, the text encoder's at text_encoder_lr."""
+    """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
+    text_encoder_lr."""
     groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
                           for p in (layer.down.weight, layer.up.weight)], "lr": lr}
               for model_name, lr in (("unet", cfg.learning_rate),
                                      ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
-    parameters = [group for group in groups if group["params"]]
-    if not cfg.use_8bit_adam:
-        return torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-    import bitsandbytes  # present: check_config refused the run otherwise
-
-    return bitsandbytes.optim.AdamW8bit(parameters, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)
 
 
 def encode_frozen_inputs(cfg, dataset, vae, tokenizer, text_encoder, weight_dtype, accelerator):
@@ -748,9 +753,15 @@ def load_data(cfg, accelerator: Accelerator, output_dir: Path,
 def inject_lora(cfg, unet, text_encoder):
     """LoRA on the UNet (and the text encoder when it trains), initialised from the seed so every run starts alike."""
     torch.manual_seed(cfg.seed)
+    if cfg.conv_rank and not any(path.endswith(tuple("." + t for t in CONV_TARGETS))
+                                 for path, _ in unet.named_modules()):
+        raise ConfigError(f"--conv_rank {cfg.conv_rank}: the UNet of {cfg.pretrained_model_name_or_path} has no "
+                          f"ResNet or sampler convolutions ({', '.join(CONV_TARGETS)}) to put LoRA on; set "
+                          f"--conv_rank 0")
     network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                     targets=LORA_TARGETS[cfg.lora_targets],
-                                    text_encoder=text_encoder if cfg.train_text_encoder else None)
+                                    text_encoder=text_encoder if cfg.train_text_encoder else None,
+                                    conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
     if cfg.train_text_encoder:
         text_encoder.train()
     return network
@@ -772,8 +783,7 @@ def make_schedule(cfg, optimizer, micro_batches_per_epoch: int):
     steps_per_epoch = math.ceil(micro_batches_per_epoch / micro_batches_per_step(cfg))
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
+    lr_scheduler = make_lr_scheduler(cfg.optimizer, optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, max_steps)
     return steps_per_epoch, max_steps, lr_scheduler
 
 

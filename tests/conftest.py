@@ -35,6 +35,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def sd1_layout_unet() -> UNet2DConditionModel:
+    """SD 1.x's block layout (4 levels, 2 layers per block, attention in 3 down and 3 up levels) at tiny widths,
+    the layout AUTOMATIC1111's fixed block numbering assumes."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture
 def unet(tiny_model_dir) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
 

@@ -88,10 +88,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(base):
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_layer_rejects_non_1x1_kernel():
-    """Only 1x1 convolutions are LoRA targets; a 3x3 is refused with a message naming the kernel."""
-    with pytest.raises(LoRAError, match=r"1x1.*\(3, 3\)"):
-        LoRALayer(nn.Conv2d(4, 4, 3))
+def test_conv_layer_rejects_grouped_convolutions():
+    """A grouped convolution (no low-rank update of the same form) is refused with a message naming groups."""
+    with pytest.raises(LoRAError, match=r"groups=2"):
+        LoRALayer(nn.Conv2d(4, 4, 3, groups=2))
 
 
 def test_injection_hits_exactly_every_attention_projection(unet):

@@ -24,18 +24,6 @@ from lora_tools import cli, convert_lora_file, format_inspection, inspect_lora_f
 CONV_TARGETS = UNET_TARGETS + ("proj_in",)  # proj_in is a 1x1 Conv2d in SD 1.x: 4-D LoRA weights
 
 
-@pytest.fixture
-def sd1_layout_unet() -> UNet2DConditionModel:
-    """SD 1.x's block layout (4 levels, 2 layers per block, attention in 3 down and 3 up levels) at tiny widths,
-    the layout AUTOMATIC1111's fixed block numbering assumes."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 8, 16, 16),
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=4,
-    ).eval()
-
-
 def random_modules(model: nn.Module, suffixes: tuple[str, ...], rank: int, alpha: float, seed: int) -> dict:
     """Random LoRA modules for every UNet Linear / 1x1 Conv2d whose path ends with one of `suffixes`."""
     g = torch.Generator().manual_seed(seed)

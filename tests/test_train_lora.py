@@ -48,7 +48,9 @@ def test_flags_override_constants_and_booleans_parse_explicitly():
     (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler"),
     (["--rank", "0"], "--rank 0"),
     (["--caption_extension", "txt"], "include the dot"),
-    (["--use_8bit_adam", "true"], "needs bitsandbytes: pip install bitsandbytes"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd': choose one of adamw, adamw8bit"),
+    (["--optimizer", "prodigy"], "set --learning_rate 1.0"),
+    (["--optimizer", "adafactor"], "learning_rate would do nothing"),
     (["--lora_targets", "everything"], "--lora_targets 'everything'"),
     (["--caption_dropout", "1.5"], "--caption_dropout 1.5"),
 ])
