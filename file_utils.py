@@ -1,8 +1,12 @@
 """Writing files that are never half-written, and their checksums."""
 
 import hashlib
+import json
 import os
+import struct
 from pathlib import Path
+
+import torch
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -31,3 +35,33 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_as(path: str | Path, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, floating-point ones converted to `float_dtype` one by one as they are read.
+
+    Read with plain file reads, not a memory map: a mapped fp32 file stays resident beside its converted copy
+    until closed (3.4 GB next to 1.7 GB for SD 1.4's UNet in bf16), while here the peak is the converted tensors
+    plus one tensor as stored. The layout is the format's own: an 8-byte little-endian header length, a JSON header
+    of {name: {dtype, shape, data_offsets}}, then the data."""
+    tensors = {}
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+        header.pop("__metadata__", None)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_length + start)
+            data = bytearray(end - start)
+            f.readinto(data)
+            stored = SAFETENSORS_DTYPES[entry["dtype"]]
+            tensor = (torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored))
+            tensor = tensor.reshape(entry["shape"])
+            tensors[name] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
+    return tensors
+

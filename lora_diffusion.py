@@ -71,7 +71,11 @@ class LoRALayer(nn.Module):
         out = self.base(x)
         if self.merged_multiplier is not None or self.multiplier == 0:
             return out
-        delta = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmuls cast x to the autocast dtype themselves: an fp32 copy first would be
+            # wasted work (and memory kept for the backward pass) with the same result.
+            x = x.to(self.down.weight.dtype)
+        delta = self.up(self.down(self.dropout(x)))
         return out + (self.multiplier * self.scale * delta).to(out.dtype)
 
     def module(self) -> LoRAModule:
@@ -225,13 +229,16 @@ def inject_trainable_lora(
     for label, _, model, *_ in wanted:
         if any(isinstance(m, LoRALayer) for m in model.modules()):
             raise LoRAError(f"the {label} already has LoRA layers; build a fresh model before injecting again")
-    layers: dict[tuple[str, str], LoRALayer] = {}
-    for label, model_name, model, model_targets, model_rank, model_alpha in wanted:
-        paths = _matching_paths(model, model_targets)
-        if not paths:
+    found = {}
+    for label, _, model, model_targets, *_ in wanted:
+        found[model_targets] = _matching_paths(model, model_targets)
+        if not found[model_targets]:
             raise LoRAError(f"no {label} module matches targets {list(model_targets)}; "
                             f"target names are module path endings such as 'to_q' or 'to_out.0'")
-        model.requires_grad_(False)
+        model.requires_grad_(False)  # every model frozen before any layer is added: the LoRA weights stay trainable
+    layers: dict[tuple[str, str], LoRALayer] = {}
+    for label, model_name, model, model_targets, model_rank, model_alpha in wanted:
+        paths = found[model_targets]
         layers.update(_wrap(model, model_name, paths, model_rank, model_alpha, dropout))
     all_targets = tuple(targets) + (CONV_TARGETS if conv_rank else ()) \
         + (tuple(text_encoder_targets) if text_encoder is not None else ())

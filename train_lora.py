@@ -37,7 +37,7 @@ text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rat
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
-optimizer = "adamw"  # adamw, adamw8bit, prodigy (learning_rate 1.0), adafactor (its own step size), lion
+optimizer = "adamw"  # adamw, adamw8bit, prodigy (learning_rate 1.0), adafactor, lion (see README: Optimizers)
 learning_rate = 1e-4  # learning rate for the LoRA weights (Prodigy: a multiplier of its own estimate)
 lr_scheduler = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
 lr_warmup_steps = 0  # optimizer steps
@@ -109,6 +109,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
@@ -129,7 +130,8 @@ from interop import check_interop, write_interop_report  # noqa: E402
 from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora  # noqa: E402
 from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from ema import Ema  # noqa: E402
-from optimizers import build_optimizer, make_lr_scheduler, optimizer_problems  # noqa: E402
+from file_utils import read_safetensors_as  # noqa: E402
+from optimizers import build_optimizer, optimizer_problems  # noqa: E402
 from settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
 )
@@ -184,7 +186,7 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
-    for problem in optimizer_problems(cfg.optimizer, cfg.learning_rate, set_by_user(cfg)):
+    for problem in optimizer_problems(cfg.optimizer, cfg.learning_rate):
         raise ConfigError(problem)
     check_prior_preservation(cfg)
     need(cfg.caption_extension.startswith("."),
@@ -247,9 +249,32 @@ def load_vae(name_or_path: str, weight_dtype) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", dtype=weight_dtype).requires_grad_(False)
 
 
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
 def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", dtype=weight_dtype)
-    return unet.requires_grad_(False)
+    """The frozen UNet in `weight_dtype`. A single safetensors file (a local folder, or a hub model already in the
+    cache) is read straight into `weight_dtype` into a UNet built on the meta device, so loading peaks at the model
+    in that dtype, not at the fp32 file beside its converted copy; other layouts go through from_pretrained."""
+    local = Path(name_or_path).expanduser() / UNET_WEIGHTS
+    weights = local if local.is_file() else cached_hub_file(name_or_path, UNET_WEIGHTS)
+    if weights is None:
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", dtype=weight_dtype)
+        return unet.requires_grad_(False)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(weights.parent))
+    unet.load_state_dict(read_safetensors_as(weights, weight_dtype), strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
+
+
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """The local path of a hub model's file when it is in the cache (no download), else None."""
+    if Path(repo_id).expanduser().exists() or repo_id.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,11 +396,6 @@ def lora_metadata(cfg, dataset, step: int, started_at: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": name,
     }
-
-
-def set_by_user(cfg) -> set[str]:
-    """The settings whose values differ from their defaults."""
-    return {name for name in CONFIG_NAMES if getattr(cfg, name) != DEFAULTS[name]}
 
 
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
@@ -783,7 +803,8 @@ def make_schedule(cfg, optimizer, micro_batches_per_epoch: int):
     steps_per_epoch = math.ceil(micro_batches_per_epoch / micro_batches_per_step(cfg))
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
-    lr_scheduler = make_lr_scheduler(cfg.optimizer, optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, max_steps)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
     return steps_per_epoch, max_steps, lr_scheduler
 
 

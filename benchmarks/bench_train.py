@@ -5,11 +5,14 @@
 
 Step time and memory do not depend on weight values, so the published SD 1.4 shapes (UNet 859.5 M, VAE 83.7 M,
 CLIP ViT-L/14 text encoder 123 M) with random weights give the real cost. For each resolution and precision,
-three variants run in separate processes (so each peak memory is its own), batch 1:
-  ours   train_lora.py as shipped (latents and text embeddings cached)
-  naive  train_lora.py encoding every image with the VAE and every caption with the text encoder at every step
-         (what the diffusers example trainer does)
-  floor  the UNet with LoRA: forward, backward and AdamW step on inputs already encoded; nothing else
+each variant (--variants) runs in its own process (so each peak memory is its own), batch 1, rank 4:
+  ours    train_lora.py as shipped (latents and text embeddings cached), profiled over its 2nd and 3rd steps
+  naive   train_lora.py encoding every image with the VAE and every caption with the text encoder at every step
+  peft    the outside floor: the UNet with a PEFT LoRA of the same rank and targets, forward, backward and AdamW
+          on inputs already encoded, as the diffusers example trains it
+  frozen  the lower bound: no LoRA, frozen forward and backward to the input latents
+  floor   the same step with our LoRALayer; floor-channels-last, floor-fused-adamw and floor-compile try one
+          speed-up each, side by side with it
 then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
 Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
 """
@@ -104,49 +107,127 @@ def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: st
             "--mixed_precision", "no" if precision == "fp32" else precision, "--interop_check", "false"]
 
 
+def profiled(step_hook_owner, hook_name: str):
+    """A CPU profiler recording the 2nd and 3rd optimizer steps, stepped from `step_hook_owner.hook_name` (a
+    function called once per step), and the hook's restorer."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities, schedule=schedule(wait=1, warmup=0, active=2, repeat=1))
+    original = getattr(step_hook_owner, hook_name)
+
+    def hooked(*args, **kwargs):
+        result = original(*args, **kwargs)
+        profiler.step()
+        return result
+
+    setattr(step_hook_owner, hook_name, hooked)
+    return profiler, lambda: setattr(step_hook_owner, hook_name, original)
+
+
+def profile_table(profiler) -> str:
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+
+
+PROFILE_ROWS = 12
+
+
 def measure_script(model_dir: Path, resolution: int, precision: str, steps: int, naive: bool) -> dict:
-    """train_lora.main as users run it; step times from its loss log (wall time between logged steps)."""
+    """train_lora.main as users run it; step times from its loss log (wall time between logged steps); the peak
+    while loading (before the first step) and during the steps apart; a profile of steps 2 and 3."""
     import train_lora
 
     sampler = MemorySampler()
+    profiler, restore = profiled(train_lora, "log_step")
     with tempfile.TemporaryDirectory() as output_dir:
         args = train_args(model_dir, Path(output_dir), resolution, precision, steps + 1)
         if naive:
             args += ["--cache_latents", "false", "--cache_text_embeddings", "false"]
-        train_lora.main(train_lora.parse_config(args))
+        with profiler:
+            train_lora.main(train_lora.parse_config(args))
+        restore()
         rows = [json.loads(line) for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
-    return {"step_seconds": times, "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(rows[0]["time"])}
+    before_steps = max((rss for t, rss in sampler.samples if t < rows[0]["time"] - times[0]), default=float("nan"))
+    return {"step_seconds": times, "peak_mb": peak_memory_mb(), "load_peak_mb": before_steps,
+            "train_peak_mb": sampler.peak_after(rows[0]["time"]), "profile": profile_table(profiler)}
 
 
-def measure_floor(model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
-    """The least any LoRA trainer must do per step: UNet+LoRA forward and backward, AdamW step."""
-    from lora_diffusion import inject_trainable_lora
+FLOORS = {  # variant: how the UNet is trained in the floor measurement
+    "floor": "our LoRALayer on the attention projections, AdamW",
+    "peft": "a PEFT LoRA of the same rank and targets (unet.add_adapter, as the diffusers example), AdamW",
+    "frozen": "no LoRA and no weight gradients: frozen forward and backward to the input latents",
+    "floor-channels-last": "floor with the UNet and its inputs in channels_last memory format",
+    "floor-fused-adamw": "floor with AdamW(fused=True)",
+    "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
+}
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = PRECISION_DTYPES[precision]
+
+def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
+    """(UNet ready for the variant's step, its trainable parameters)."""
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype).to(device)
     unet.requires_grad_(False)
+    if variant == "frozen":
+        return unet, []
+    if variant == "peft":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        parameters = [p for p in unet.parameters() if p.requires_grad]
+        for p in parameters:  # the example keeps the trainable LoRA weights in fp32 (cast_training_params)
+            p.data = p.data.float()
+        return unet, parameters
+    from lora_diffusion import inject_trainable_lora
+
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    if variant == "floor-channels-last":
+        unet = unet.to(memory_format=torch.channels_last)
+    if variant == "floor-compile":
+        unet = torch.compile(unet)
+    return unet, network.parameters()
+
+
+def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
+    """What a LoRA trainer cannot avoid per step (see FLOORS): forward, backward, optimizer step on inputs already
+    encoded; the optimizer step's own time is reported too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = PRECISION_DTYPES[precision]
+    unet, parameters = floor_unet(variant, model_dir, dtype, device)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=variant == "floor-fused-adamw") if parameters else None
     side = resolution // 8
-    latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
+    memory_format = torch.channels_last if variant == "floor-channels-last" else torch.contiguous_format
+    latents = torch.randn(1, 4, side, side, device=device, dtype=dtype).to(memory_format=memory_format)
     states = torch.randn(1, 77, 768, device=device, dtype=dtype)
     noise = torch.randn_like(latents)
-    times, sampler, first_step_done = [], MemorySampler(), 0.0
-    for _ in range(steps + 1):
-        first_step_done = first_step_done or (time.time() if times else 0.0)
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
-            prediction = unet(latents + noise, torch.tensor([500], device=device), states).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"step_seconds": times[1:], "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(first_step_done)}
+    times, optimizer_times, sampler, first_step_done = [], [], MemorySampler(), 0.0
+    profiler, restore = profiled(sys.modules[__name__], "step_done")
+    with profiler:
+        for _ in range(steps + 1):
+            first_step_done = first_step_done or (time.time() if times else 0.0)
+            start = time.perf_counter()
+            noisy = (latents + noise).requires_grad_(variant == "frozen")
+            with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
+                prediction = unet(noisy, torch.tensor([500], device=device), states).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            loss.backward()
+            optimizer_start = time.perf_counter()
+            if optimizer:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            optimizer_times.append(time.perf_counter() - optimizer_start)
+            step_done()
+    restore()
+    return {"step_seconds": times[1:], "first_step_seconds": times[0], "optimizer_seconds": optimizer_times[1:],
+            "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(first_step_done),
+            "profile": profile_table(profiler)}
+
+
+def step_done() -> None:
+    """Called after each floor step; the profiler steps on it."""
 
 
 def measure_generation(model_dir: Path, resolution: int, precision: str, steps: int, repeats: int) -> dict:
@@ -180,8 +261,8 @@ def measure_generation(model_dir: Path, resolution: int, precision: str, steps: 
 def run_one(args) -> None:
     """Child process: one measurement, printed as the last line of JSON."""
     model_dir = Path(args.model_dir)
-    if args.variant == "floor":
-        result = measure_floor(model_dir, args.resolution, args.precision, args.steps)
+    if args.variant in FLOORS:
+        result = measure_floor(args.variant, model_dir, args.resolution, args.precision, args.steps)
     elif args.variant == "generation":
         result = measure_generation(model_dir, args.resolution, args.precision, args.generation_steps, args.steps)
     else:
@@ -195,11 +276,12 @@ def child(args, variant: str, resolution: int, precision: str) -> dict:
                "--generation_steps", str(args.generation_steps)]
     print(f"  {variant:10s} {resolution} px {precision} ...", end=" ", flush=True)
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
+    if result.returncode != 0:  # recorded, and the other variants still run
+        print(f"failed:\n{result.stderr[-3000:]}", flush=True)
+        return {"failed": result.stderr[-3000:]}
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    print(json.dumps({k: (round(statistics.median(v), 3) if isinstance(v, list) else round(v)) for k, v in measured.items()}),
-          flush=True)
+    print(json.dumps({k: (round(statistics.median(v), 3) if isinstance(v, list) else round(v, 1))
+                      for k, v in measured.items() if k != "profile"}), flush=True)
     return measured
 
 
@@ -214,7 +296,10 @@ def main() -> None:
     parser.add_argument("--generation_resolution", type=int, default=512)
     parser.add_argument("--parts", nargs="+", choices=["training", "generation"], default=["training", "generation"],
                         help="one part alone keeps the other part's results already in the results file")
-    parser.add_argument("--one", choices=["ours", "naive", "floor", "generation"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=["ours", "peft", "frozen"],
+                        choices=["ours", "naive", *FLOORS], help="training variants, each in its own process")
+    parser.add_argument("--out", default="", help="results file (default benchmarks/results-<device>.json)")
+    parser.add_argument("--one", choices=["ours", "naive", *FLOORS, "generation"], help=argparse.SUPPRESS)
     parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,7 +308,7 @@ def main() -> None:
         return run_one(args)
 
     build_sd14(Path(args.model_dir))
-    out = ROOT / "benchmarks" / f"results-{device}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / f"results-{device}.json"
     results = {"device": device, "machine": machine_name(device), "torch": torch.__version__, "steps": args.steps,
                "runs": []}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
@@ -234,7 +319,7 @@ def main() -> None:
     for resolution in args.resolutions if "training" in args.parts else []:
         for precision in args.precisions:
             run = {"resolution": resolution, "precision": precision}
-            for variant in ("ours", "naive", "floor"):
+            for variant in args.variants:
                 run[variant] = child(args, variant, resolution, precision)
             results["runs"].append(run)
     if "generation" in args.parts:
@@ -255,24 +340,35 @@ def machine_name(device: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The BENCHMARKS.md table: medians in seconds per optimizer step, memory in MiB, and the ratios."""
+    """The BENCHMARKS.md tables: per resolution and precision, each variant's median seconds per optimizer step and
+    memory in MiB, and ours against the PEFT and frozen floors."""
     memory = "RSS" if results["device"] == "cpu" else "allocated"
-    lines = [f"| px | precision | ours s/step | naive s/step | floor s/step | ours / floor | naive / ours | "
-             f"peak {memory} ours / naive / floor | ours / naive | {memory} during steps ours / naive / floor | "
-             f"ours / naive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| px | precision | variant | s/step (median) | steps | peak {memory} | before steps | during steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratios = []
     for run in results["runs"]:
-        ours, naive, floor = (statistics.median(run[v]["step_seconds"]) for v in ("ours", "naive", "floor"))
-        peaks = [run[v]["peak_mb"] for v in ("ours", "naive", "floor")]
-        steady = [run[v].get("train_peak_mb", float("nan")) for v in ("ours", "naive", "floor")]
-        lines.append(f"| {run['resolution']} | {run['precision']} | {ours:.2f} | {naive:.2f} | {floor:.2f} | "
-                     f"{ours / floor:.3f} | {naive / ours:.2f} | {' / '.join(f'{p:.0f}' for p in peaks)} | "
-                     f"{peaks[0] / peaks[1]:.2f} | {' / '.join(f'{p:.0f}' for p in steady)} | "
-                     f"{steady[0] / steady[1]:.2f} |")
-    gen = results["generation"]
-    base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])
-    lines.append(f"\nGeneration ({gen['resolution']} px, {gen['precision']}, {gen['steps']} steps, base and fused runs "
-                 f"alternated): base {base:.2f} s/image, one fused LoRA {fused:.2f} s/image, fused / base "
-                 f"{fused / base:.3f}")
+        medians = {}
+        for variant, measured in run.items():
+            if variant in ("resolution", "precision"):
+                continue
+            if "failed" in measured:
+                lines.append(f"| {run['resolution']} | {run['precision']} | {variant} | failed | | | | |")
+                continue
+            medians[variant] = statistics.median(measured["step_seconds"])
+            steps = " / ".join(f"{t:.2f}" for t in measured["step_seconds"])
+            lines.append(f"| {run['resolution']} | {run['precision']} | {variant} | {medians[variant]:.2f} | {steps} | "
+                         f"{measured['peak_mb']:.0f} | {measured.get('load_peak_mb', float('nan')):.0f} | "
+                         f"{measured.get('train_peak_mb', float('nan')):.0f} |")
+        if "ours" in medians:
+            ratios.append(f"{run['resolution']} px {run['precision']}: " + ", ".join(
+                f"ours / {floor} {medians['ours'] / medians[floor]:.3f}" for floor in medians if floor != "ours"))
+    lines += ["", *ratios]
+    gen = results.get("generation")
+    if gen:
+        base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])
+        lines.append(f"\nGeneration ({gen['resolution']} px, {gen['precision']}, {gen['steps']} steps, base and fused "
+                     f"runs alternated): base {base:.2f} s/image, one fused LoRA {fused:.2f} s/image, fused / base "
+                     f"{fused / base:.3f}")
     return "\n".join(lines)
 
 

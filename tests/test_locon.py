@@ -50,6 +50,8 @@ def test_conv_rank_wraps_every_resnet_and_sampler_conv_at_its_own_rank(sd1_layou
     assert {(layer.rank, layer.alpha) for layer in conv_layers.values()} == {(8, 2.0)}
     others = [layer for (_, path), layer in network.layers.items() if path not in conv_layers]
     assert len(others) == 16 * 4 * 2 and {(layer.rank, layer.alpha) for layer in others} == {(4, 4.0)}
+    trainable = {id(p) for p in sd1_layout_unet.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in network.parameters()}, "every LoRA weight, attention and conv, trains"
 
 
 def test_a1111_names_of_sampler_and_resnet_convs_follow_its_compvis_numbering():
@@ -94,7 +96,8 @@ def test_training_with_conv_rank_writes_a_locon_file_that_generate_fuses(tiny_mo
     tensors = load_file(str(path))
     conv_ups = {k: t for k, t in tensors.items() if k.endswith(("conv1.lora_up.weight", "conv2.lora_up.weight",
                                                                 "samplers_0_conv.lora_up.weight"))}
-    assert len(conv_ups) == 2 * 2 * 2 + 2 * 2 + 2 * 3 * 2 + 2 and all(t.abs().sum() > 0 for t in conv_ups.values())
+    assert len(conv_ups) == 2 * 2 * 2 + 2 * 2 + 2 * 3 * 2 + 2
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight")), "conv and attention"
     info = inspect_lora_file(path)
     assert json.loads(info["metadata"]["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
     assert info["targets"]["conv1"] == 2 * 2 + 2 + 2 * 3 and info["targets"]["downsamplers.conv"] == 1

@@ -280,3 +280,21 @@ def test_deltas_refuse_keys_for_another_model(unet, tmp_path):
                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(LoRAError, match="lora_unet_input_blocks_4_1_proj_in"):
         lora_deltas(tmp_path / "x.safetensors", unet)
+
+
+def test_under_autocast_the_update_equals_the_one_computed_from_an_fp32_input():
+    """Under bf16 autocast the layer skips casting its input to fp32 (autocast's matmuls cast it to bf16 anyway):
+    output and gradients are bitwise those of the fp32-input computation."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    layer = LoRALayer(base, rank=4, alpha=2.0)
+    nn.init.normal_(layer.up.weight)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for forward in (layer, lambda x: base(x) + (layer.scale * layer.up(layer.down(x.float()))).to(torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [layer.down.weight, layer.up.weight, x])
+        results.append((out, *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+

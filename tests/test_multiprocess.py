@@ -138,3 +138,26 @@ def test_killing_one_process_ends_the_other_promptly(tiny_model_dir, tmp_path):
     assert time.time() - killed_at < 60
     assert process.returncode != 0 and "rank      : 1" in log
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers)
+
+
+def test_two_processes_with_class_images_match_one_process(tiny_model_dir, tmp_path):
+    """Prior preservation on 2 processes at batch 1 (3 class images, so class batches wrap unevenly) trains the
+    LoRA and logs the losses of batch 2 on 1 process, within TOLERANCE."""
+    classes = shaped_dataset(tmp_path / "class", {"x.png": (64, 64), "y.png": (64, 64), "z.png": (64, 64)})
+    for index, name in enumerate("xyz"):
+        Image.new("RGB", (64, 64), (200 - 60 * index, 30 * index, 120)).save(classes / f"{name}.png")
+
+    def args(output, batch):
+        return common(tiny_model_dir, output, "--class_data_path", str(classes), "--class_prompt", "a photo",
+                      "--num_class_images", "0", "--prior_loss_weight", "0.5", "--train_batch_size", batch)
+    process = torchrun(args(tmp_path / "two", "1"))
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    train_lora.main(train_lora.parse_config(args(tmp_path / "one", "2")))
+    a, b = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
