@@ -20,7 +20,6 @@ Results go to benchmarks/results-<device>.json and a markdown table is printed; 
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,10 +93,12 @@ class MemorySampler:
         return max((rss for t, rss in self.samples if t >= start), default=float("nan"))
 
 
-def peak_memory_mb() -> float:
+def peak_memory_mb(sampler: "MemorySampler") -> float:
+    """The whole process's peak: CUDA's max_memory_allocated, or on a CPU the highest RSS sampled. Not ru_maxrss:
+    Linux carries the parent's high-water mark across fork and exec into it."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+    return max(rss for _, rss in sampler.samples)
 
 
 def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: str, steps: int) -> list[str]:
@@ -149,7 +150,7 @@ def measure_script(model_dir: Path, resolution: int, precision: str, steps: int,
         rows = [json.loads(line) for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
     before_steps = max((rss for t, rss in sampler.samples if t < rows[0]["time"] - times[0]), default=float("nan"))
-    return {"step_seconds": times, "peak_mb": peak_memory_mb(), "load_peak_mb": before_steps,
+    return {"step_seconds": times, "peak_mb": peak_memory_mb(sampler), "load_peak_mb": before_steps,
             "train_peak_mb": sampler.peak_after(rows[0]["time"]), "profile": profile_table(profiler)}
 
 
@@ -191,6 +192,7 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
 def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
     """What a LoRA trainer cannot avoid per step (see FLOORS): forward, backward, optimizer step on inputs already
     encoded; the optimizer step's own time is reported too."""
+    sampler = MemorySampler()  # from the start, so the loading peak is seen
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = PRECISION_DTYPES[precision]
     unet, parameters = floor_unet(variant, model_dir, dtype, device)
@@ -200,7 +202,7 @@ def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str
     latents = torch.randn(1, 4, side, side, device=device, dtype=dtype).to(memory_format=memory_format)
     states = torch.randn(1, 77, 768, device=device, dtype=dtype)
     noise = torch.randn_like(latents)
-    times, optimizer_times, sampler, first_step_done = [], [], MemorySampler(), 0.0
+    times, optimizer_times, first_step_done = [], [], 0.0
     profiler, restore = profiled(sys.modules[__name__], "step_done")
     with profiler:
         for _ in range(steps + 1):
@@ -222,7 +224,9 @@ def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str
             step_done()
     restore()
     return {"step_seconds": times[1:], "first_step_seconds": times[0], "optimizer_seconds": optimizer_times[1:],
-            "peak_mb": peak_memory_mb(), "train_peak_mb": sampler.peak_after(first_step_done),
+            "peak_mb": peak_memory_mb(sampler), "load_peak_mb": max(
+                (rss for t, rss in sampler.samples if t < first_step_done - times[0]), default=float("nan")),
+            "train_peak_mb": sampler.peak_after(first_step_done),
             "profile": profile_table(profiler)}
 
 
