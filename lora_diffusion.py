@@ -187,7 +187,7 @@ class LoRANetwork:
         return metadata
 
 
-def _matching_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
+def matching_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """Paths of the Linear and Conv2d modules whose path ends with `.<target>` for one of the targets (e.g.
     `attn2.to_out.0`)."""
     suffixes = tuple("." + t for t in targets)
@@ -229,16 +229,14 @@ def inject_trainable_lora(
     for label, _, model, *_ in wanted:
         if any(isinstance(m, LoRALayer) for m in model.modules()):
             raise LoRAError(f"the {label} already has LoRA layers; build a fresh model before injecting again")
-    found = {}
-    for label, _, model, model_targets, *_ in wanted:
-        found[model_targets] = _matching_paths(model, model_targets)
-        if not found[model_targets]:
+    found = [matching_paths(model, model_targets) for _, _, model, model_targets, *_ in wanted]
+    for (label, _, model, model_targets, *_), paths in zip(wanted, found):
+        if not paths:
             raise LoRAError(f"no {label} module matches targets {list(model_targets)}; "
                             f"target names are module path endings such as 'to_q' or 'to_out.0'")
         model.requires_grad_(False)  # every model frozen before any layer is added: the LoRA weights stay trainable
     layers: dict[tuple[str, str], LoRALayer] = {}
-    for label, model_name, model, model_targets, model_rank, model_alpha in wanted:
-        paths = found[model_targets]
+    for (_, model_name, model, _, model_rank, model_alpha), paths in zip(wanted, found):
         layers.update(_wrap(model, model_name, paths, model_rank, model_alpha, dropout))
     all_targets = tuple(targets) + (CONV_TARGETS if conv_rank else ()) \
         + (tuple(text_encoder_targets) if text_encoder is not None else ())

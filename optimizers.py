@@ -34,18 +34,18 @@ OPTIMIZERS = {
 PRODIGY_LR_AT_LEAST = 0.1  # Prodigy's lr multiplies its own estimate: 1e-4 there means "barely train"
 
 
-def optimizer_problems(name: str, learning_rate: float) -> list[str]:
-    """What is wrong with training with optimizer `name` at `learning_rate`."""
+def optimizer_problem(name: str, learning_rate: float) -> str | None:
+    """What is wrong with training with optimizer `name` at `learning_rate`, or None."""
     if name not in OPTIMIZERS:
-        return [f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}"]
+        return f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}"
     choice = OPTIMIZERS[name]
     if importlib.util.find_spec(choice.module) is None:
-        return [f"--optimizer {name} needs the {choice.module} package: pip install {choice.pip} "
-                f"(or pick another optimizer, e.g. adamw)"]
+        return (f"--optimizer {name} needs the {choice.module} package: pip install {choice.pip} "
+                f"(or pick another optimizer, e.g. adamw)")
     if name == "prodigy" and learning_rate < PRODIGY_LR_AT_LEAST:
-        return [f"--optimizer prodigy with --learning_rate {learning_rate}: Prodigy finds the step size itself and "
-                f"learning_rate multiplies it; set --learning_rate 1.0 (0.5 for a gentler run)"]
-    return []
+        return (f"--optimizer prodigy with --learning_rate {learning_rate}: Prodigy finds the step size itself and "
+                f"learning_rate multiplies it; set --learning_rate 1.0 (0.5 for a gentler run)")
+    return None
 
 
 def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
@@ -72,4 +72,4 @@ def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch
         from lion_pytorch import Lion
 
         return Lion(groups, weight_decay=weight_decay)
-    raise AssertionError(f"unchecked optimizer {name!r}")  # optimizer_problems refuses unknown names first
+    raise AssertionError(f"unchecked optimizer {name!r}")  # optimizer_problem refuses unknown names first

@@ -127,11 +127,11 @@ from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedIt
 from report import write_report  # noqa: E402
 from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
 from interop import check_interop, write_interop_report  # noqa: E402
-from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora  # noqa: E402
+from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora, matching_paths  # noqa: E402
 from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from ema import Ema  # noqa: E402
 from file_utils import read_safetensors_as  # noqa: E402
-from optimizers import build_optimizer, optimizer_problems  # noqa: E402
+from optimizers import build_optimizer, optimizer_problem  # noqa: E402
 from settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
 )
@@ -186,8 +186,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
-    for problem in optimizer_problems(cfg.optimizer, cfg.learning_rate):
-        raise ConfigError(problem)
+    problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
+    need(problem is None, problem)
     check_prior_preservation(cfg)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
@@ -773,8 +773,7 @@ def load_data(cfg, accelerator: Accelerator, output_dir: Path,
 def inject_lora(cfg, unet, text_encoder):
     """LoRA on the UNet (and the text encoder when it trains), initialised from the seed so every run starts alike."""
     torch.manual_seed(cfg.seed)
-    if cfg.conv_rank and not any(path.endswith(tuple("." + t for t in CONV_TARGETS))
-                                 for path, _ in unet.named_modules()):
+    if cfg.conv_rank and not matching_paths(unet, CONV_TARGETS):
         raise ConfigError(f"--conv_rank {cfg.conv_rank}: the UNet of {cfg.pretrained_model_name_or_path} has no "
                           f"ResNet or sampler convolutions ({', '.join(CONV_TARGETS)}) to put LoRA on; set "
                           f"--conv_rank 0")

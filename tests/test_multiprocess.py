@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -45,12 +46,29 @@ def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
                             text=True, **kwargs)
 
 
+def run_on_two_processes(args: list[str]) -> None:
+    """train_lora.py with `args` under torchrun on 2 CPU processes, which must succeed."""
+    process = torchrun(args)
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    """The runs in `one` and `two` trained the same LoRA and logged the same 6 losses, within TOLERANCE."""
+    a, b = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
+    losses = [[json.loads(line)["loss"] for line in (run / "loss_log.jsonl").read_text().splitlines()]
+              for run in (one, two)]
+    assert len(losses[0]) == len(losses[1]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tiny_model_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("two")
-    process = torchrun(common(tiny_model_dir, output, "--train_batch_size", "1"))
-    log, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, log[-3000:]
+    run_on_two_processes(common(tiny_model_dir, output, "--train_batch_size", "1"))
     return output
 
 
@@ -63,15 +81,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(two_process_run, t
     same losses, and writes the same files, each once."""
     one = tmp_path / "one"
     train_lora.main(train_lora.parse_config(common(tiny_model_dir, one, "--train_batch_size", "2")))
-    a = load_file(str(one / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(two_process_run / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
-    losses = [[json.loads(line)["loss"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
-              for folder in (one, two_process_run)]
-    assert len(losses[0]) == len(losses[1]) == 6
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
+    assert_same_training(one, two_process_run)
     assert files_written(two_process_run) == files_written(one)
 
 
@@ -87,27 +97,16 @@ def test_two_processes_with_buckets_and_an_uneven_count_match_one_process(tiny_m
     def args(output, batch):
         return common(tiny_model_dir, output, "--dataset_path", str(data), "--aspect_ratio_buckets", "true",
                       "--resolution", "128", "--train_batch_size", batch)
-    process = torchrun(args(tmp_path / "two", "2"))
-    log, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, log[-3000:]
+    run_on_two_processes(args(tmp_path / "two", "2"))
     train_lora.main(train_lora.parse_config(args(tmp_path / "one", "4")))
-    a, b = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
-    assert len(losses[0]) == len(losses[1]) == 6
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 def test_resume_of_a_two_process_run_is_exact(two_process_run, tiny_model_dir, tmp_path):
     """A 2-process run resumed from its step-4 checkpoint on 2 processes ends bitwise equal to the uninterrupted one."""
     shutil.copytree(two_process_run / "checkpoint-4", tmp_path / "checkpoint-4")
-    process = torchrun(common(tiny_model_dir, tmp_path, "--train_batch_size", "1",
-                              "--resume_from_checkpoint", "latest"))
-    log, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, log[-3000:]
+    run_on_two_processes(common(tiny_model_dir, tmp_path, "--train_batch_size", "1",
+                                "--resume_from_checkpoint", "latest"))
     resumed = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     reference = load_file(str(two_process_run / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
@@ -150,14 +149,6 @@ def test_two_processes_with_class_images_match_one_process(tiny_model_dir, tmp_p
     def args(output, batch):
         return common(tiny_model_dir, output, "--class_data_path", str(classes), "--class_prompt", "a photo",
                       "--num_class_images", "0", "--prior_loss_weight", "0.5", "--train_batch_size", batch)
-    process = torchrun(args(tmp_path / "two", "1"))
-    log, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, log[-3000:]
+    run_on_two_processes(args(tmp_path / "two", "1"))
     train_lora.main(train_lora.parse_config(args(tmp_path / "one", "2")))
-    a, b = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
-    assert len(losses[0]) == len(losses[1]) == 6
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=TOLERANCE)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
