@@ -158,10 +158,23 @@ FLOORS = {  # variant: how the UNet is trained in the floor measurement
     "floor": "our LoRALayer on the attention projections, AdamW",
     "peft": "a PEFT LoRA of the same rank and targets (unet.add_adapter, as the diffusers example), AdamW",
     "frozen": "no LoRA and no weight gradients: frozen forward and backward to the input latents",
+    "example": "the diffusers example's step (VAE and text encoder at every step, PEFT LoRA), see ExampleStep",
     "floor-channels-last": "floor with the UNet and its inputs in channels_last memory format",
     "floor-fused-adamw": "floor with AdamW(fused=True)",
     "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
 }
+
+
+def add_peft_lora(unet) -> list:
+    """A PEFT LoRA of our rank and targets, as the diffusers example adds it; returns its trainable weights."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    for p in parameters:  # the example keeps the trainable LoRA weights in fp32 (cast_training_params)
+        p.data = p.data.float()
+    return parameters
 
 
 def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
@@ -171,14 +184,7 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
     if variant == "frozen":
         return unet, []
     if variant == "peft":
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        parameters = [p for p in unet.parameters() if p.requires_grad]
-        for p in parameters:  # the example keeps the trainable LoRA weights in fp32 (cast_training_params)
-            p.data = p.data.float()
-        return unet, parameters
+        return unet, add_peft_lora(unet)
     from lora_diffusion import inject_trainable_lora
 
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
@@ -189,38 +195,182 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
     return unet, network.parameters()
 
 
+class FloorStep:
+    """One bare training step of a floor variant (see FLOORS) on fixed inputs already encoded: forward, backward,
+    AdamW. Calling it returns (seconds for the step, seconds of them in the optimizer)."""
+
+    def __init__(self, variant: str, model_dir: Path, resolution: int, precision: str, device: str):
+        self.variant, self.precision, self.device = variant, precision, device
+        self.dtype = PRECISION_DTYPES[precision]
+        self.unet, parameters = floor_unet(variant, model_dir, self.dtype, device)
+        self.optimizer = (torch.optim.AdamW(parameters, lr=1e-4, fused=variant == "floor-fused-adamw")
+                          if parameters else None)
+        side = resolution // 8
+        memory_format = torch.channels_last if variant == "floor-channels-last" else torch.contiguous_format
+        self.latents = torch.randn(1, 4, side, side, device=device, dtype=self.dtype).to(memory_format=memory_format)
+        self.states = torch.randn(1, 77, 768, device=device, dtype=self.dtype)
+        self.noise = torch.randn_like(self.latents)
+
+    def __call__(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        noisy = (self.latents + self.noise).requires_grad_(self.variant == "frozen")
+        with torch.autocast(self.device, dtype=self.dtype, enabled=self.precision != "fp32"):
+            prediction = self.unet(noisy, torch.tensor([500], device=self.device), self.states).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), self.noise.float())
+        loss.backward()
+        optimizer_start = time.perf_counter()
+        if self.optimizer:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.perf_counter() - optimizer_start
+
+
+class ExampleStep:
+    """The diffusers example `train_text_to_image_lora.py`'s step, rebuilt from its published training loop: the
+    frozen VAE and text encoder cast to the training precision and run at every step (the image through the VAE,
+    a latent sampled from its posterior; the caption through the text encoder), noise and timestep, the UNet with a
+    PEFT LoRA under autocast, MSE, backward, gradient clipping at 1.0, AdamW (weight decay 1e-2) and its schedule.
+    Loaded as the example loads: each model in fp32, then cast. Calling it returns (seconds for the step, 0.0)."""
+
+    def __init__(self, model_dir: Path, resolution: int, precision: str, device: str):
+        from diffusers import DDPMScheduler
+        from transformers import CLIPTokenizer
+
+        self.precision, self.device, self.dtype = precision, device, PRECISION_DTYPES[precision]
+        self.vae, self.text_encoder, self.unet = (
+            cls.from_pretrained(model_dir, subfolder=folder).requires_grad_(False).to(device, dtype=self.dtype)
+            for cls, folder in ((AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder"),
+                                (UNet2DConditionModel, "unet")))
+        self.parameters = add_peft_lora(self.unet)
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        self.input_ids = tokenizer(["a photo of a dog on the grass"], padding="max_length", truncation=True,
+                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+        self.pixel_values = torch.rand(1, 3, resolution, resolution, device=device) * 2 - 1
+        self.scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)  # "constant"
+
+    def __call__(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        latents = self.vae.encode(self.pixel_values.to(self.dtype)).latent_dist.sample()
+        latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (1,), device=self.device).long()
+        noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
+        states = self.text_encoder(self.input_ids, return_dict=False)[0]
+        with torch.autocast(self.device, dtype=self.dtype, enabled=self.precision != "fp32"):
+            prediction = self.unet(noisy_latents, timesteps, states, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        loss.item()  # the example's progress bar shows the step's loss
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, 0.0
+
+
+class ScriptStep:
+    """train_lora.py's own step on its own UNet and LoRA, as its loop takes it with the caches on: the micro-batch
+    (noise and timestep draws, forward, backward, finiteness check, gradient clipping, optimizer step), the
+    learning-rate schedule and the log line. Calling it returns (seconds for the step, 0.0)."""
+
+    def __init__(self, model_dir: Path, resolution: int, precision: str, output_dir: Path):
+        import train_lora
+        from diffusers import DDPMScheduler
+
+        self.train_lora = train_lora
+        from tqdm import tqdm
+
+        self.cfg = train_lora.resolve_machine_settings(
+            train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000)))
+        self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
+        dtype = PRECISION_DTYPES[precision]
+        unet = train_lora.load_unet(str(model_dir), dtype)
+        self.network = train_lora.inject_lora(self.cfg, unet, None)
+        optimizer = train_lora.make_optimizer(self.cfg, self.network)
+        unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
+        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        self.models = train_lora.StepModels(unet, None, None, scheduler, 0.18215, [unet])
+        side, device = resolution // 8, self.accelerator.device
+        self.batch = {"index": torch.tensor([0]), "loss_weight": torch.ones(1),
+                      "latent_mean": torch.randn(1, 4, side, side, device=device, dtype=dtype),
+                      "latent_std": torch.full((1, 4, side, side), 0.01, device=device, dtype=dtype),
+                      "text_embedding": torch.randn(1, 77, 768, device=device, dtype=dtype)}
+        self.step, self.progress = 0, tqdm(total=1000, disable=True)
+        unet.train()
+
+    def __call__(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        loss, finite = self.train_lora.train_micro_batch(self.batch, self.step, self.cfg, self.accelerator,
+                                                         self.models, self.network, self.optimizer)
+        self.lr_scheduler.step()
+        self.step += 1
+        self.train_lora.log_step(self.progress, self.accelerator, None, self.step, loss, self.lr_scheduler.get_last_lr()[0],
+                                 finite)
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, 0.0
+
+
+PAIRED = {  # a paired variant: (the step every other is compared with, the others)
+    "paired": ("ours", ("peft", "frozen", "example")),
+    "paired-speedups": ("floor", ("floor-channels-last", "floor-fused-adamw")),
+}
+
+
+def make_step(variant: str, model_dir: Path, resolution: int, precision: str, device: str, output_dir: Path):
+    if variant == "ours":
+        return ScriptStep(model_dir, resolution, precision, output_dir)
+    if variant == "example":
+        return ExampleStep(model_dir, resolution, precision, device)
+    return FloorStep(variant, model_dir, resolution, precision, device)
+
+
+def measure_paired(paired: str, model_dir: Path, resolution: int, precision: str, rounds: int) -> dict:
+    """The steps of PAIRED[paired] (paired: ours, peft, frozen and the example; paired-speedups: the floor and
+    each speed-up), each on its own copy of the UNet in one process, taken in turn, the order rotated each round:
+    a change in the machine's speed hits them all alike, so the ratio of two steps in the same round is the fine
+    measure that separate processes (10-40 % apart on a shared machine) cannot give. The memory of several
+    models in one process says nothing; each variant's own peak comes from its own process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference, others = PAIRED[paired]
+    with tempfile.TemporaryDirectory() as output_dir:
+        steps = {name: make_step(name, model_dir, resolution, precision, device, Path(output_dir))
+                 for name in (reference, *others)}
+        times = {name: [] for name in steps}
+        for index in range(rounds + 1):  # the first round warms up
+            names = list(steps)[index % len(steps):] + list(steps)[:index % len(steps)]
+            for name in names:
+                seconds = steps[name]()[0]
+                if index:
+                    times[name].append(seconds)
+    if paired == "paired":  # ours against each floor and the example
+        ratios = {f"ours/{other}": [a / b for a, b in zip(times["ours"], times[other])] for other in others}
+    else:  # each speed-up against the floor
+        ratios = {f"{other}/floor": [a / b for a, b in zip(times[other], times["floor"])] for other in others}
+    return {"step_seconds": times, "ratios": ratios}
+
+
 def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
     """What a LoRA trainer cannot avoid per step (see FLOORS): forward, backward, optimizer step on inputs already
     encoded; the optimizer step's own time is reported too."""
     sampler = MemorySampler()  # from the start, so the loading peak is seen
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = PRECISION_DTYPES[precision]
-    unet, parameters = floor_unet(variant, model_dir, dtype, device)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=variant == "floor-fused-adamw") if parameters else None
-    side = resolution // 8
-    memory_format = torch.channels_last if variant == "floor-channels-last" else torch.contiguous_format
-    latents = torch.randn(1, 4, side, side, device=device, dtype=dtype).to(memory_format=memory_format)
-    states = torch.randn(1, 77, 768, device=device, dtype=dtype)
-    noise = torch.randn_like(latents)
+    step = make_step(variant, model_dir, resolution, precision, device, Path("unused"))
     times, optimizer_times, first_step_done = [], [], 0.0
     profiler, restore = profiled(sys.modules[__name__], "step_done")
     with profiler:
         for _ in range(steps + 1):
             first_step_done = first_step_done or (time.time() if times else 0.0)
-            start = time.perf_counter()
-            noisy = (latents + noise).requires_grad_(variant == "frozen")
-            with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
-                prediction = unet(noisy, torch.tensor([500], device=device), states).sample
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-            loss.backward()
-            optimizer_start = time.perf_counter()
-            if optimizer:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            optimizer_times.append(time.perf_counter() - optimizer_start)
+            seconds, optimizer_seconds = step()
+            times.append(seconds)
+            optimizer_times.append(optimizer_seconds)
             step_done()
     restore()
     return {"step_seconds": times[1:], "first_step_seconds": times[0], "optimizer_seconds": optimizer_times[1:],
@@ -265,7 +415,9 @@ def measure_generation(model_dir: Path, resolution: int, precision: str, steps: 
 def run_one(args) -> None:
     """Child process: one measurement, printed as the last line of JSON."""
     model_dir = Path(args.model_dir)
-    if args.variant in FLOORS:
+    if args.variant in PAIRED:
+        result = measure_paired(args.variant, model_dir, args.resolution, args.precision, args.steps)
+    elif args.variant in FLOORS:
         result = measure_floor(args.variant, model_dir, args.resolution, args.precision, args.steps)
     elif args.variant == "generation":
         result = measure_generation(model_dir, args.resolution, args.precision, args.generation_steps, args.steps)
@@ -284,9 +436,15 @@ def child(args, variant: str, resolution: int, precision: str) -> dict:
         print(f"failed:\n{result.stderr[-3000:]}", flush=True)
         return {"failed": result.stderr[-3000:]}
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    print(json.dumps({k: (round(statistics.median(v), 3) if isinstance(v, list) else round(v, 1))
-                      for k, v in measured.items() if k != "profile"}), flush=True)
+    print(json.dumps(medians({k: v for k, v in measured.items() if k != "profile"})), flush=True)
     return measured
+
+
+def medians(measured):
+    """Each list of a result (nested or not) as its median, for the progress line."""
+    if isinstance(measured, dict):
+        return {k: medians(v) for k, v in measured.items()}
+    return round(statistics.median(measured), 3) if isinstance(measured, list) else round(measured, 1)
 
 
 def main() -> None:
@@ -301,9 +459,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=["training", "generation"], default=["training", "generation"],
                         help="one part alone keeps the other part's results already in the results file")
     parser.add_argument("--variants", nargs="+", default=["ours", "peft", "frozen"],
-                        choices=["ours", "naive", *FLOORS], help="training variants, each in its own process")
+                        choices=["ours", "naive", *PAIRED, *FLOORS],
+                        help="training variants, each in its own process; paired: ours, peft, frozen and example "
+                             "in turn in one process, paired-speedups: floor and each speed-up so (--steps rounds)")
     parser.add_argument("--out", default="", help="results file (default benchmarks/results-<device>.json)")
-    parser.add_argument("--one", choices=["ours", "naive", *FLOORS, "generation"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=["ours", "naive", *PAIRED, *FLOORS, "generation"], help=argparse.SUPPRESS)
     parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,7 +509,7 @@ def markdown(results: dict) -> str:
     memory = "RSS" if results["device"] == "cpu" else "allocated"
     lines = [f"| px | precision | variant | s/step (median) | steps | peak {memory} | before steps | during steps |",
              "|---|---|---|---|---|---|---|---|"]
-    ratios = []
+    ratios, paired = [], []
     for run in results["runs"]:
         medians = {}
         for variant, measured in run.items():
@@ -357,6 +517,12 @@ def markdown(results: dict) -> str:
                 continue
             if "failed" in measured:
                 lines.append(f"| {run['resolution']} | {run['precision']} | {variant} | failed | | | | |")
+                continue
+            if variant in PAIRED:
+                paired.append(f"{run['resolution']} px {run['precision']}, in turn in one process: " + ", ".join(
+                    f"{name} {statistics.median(t):.2f} s/step" for name, t in measured["step_seconds"].items())
+                    + "; per-round " + ", ".join(f"{name} median {statistics.median(r):.3f} (range {min(r):.3f}-"
+                                                 f"{max(r):.3f})" for name, r in measured["ratios"].items()))
                 continue
             medians[variant] = statistics.median(measured["step_seconds"])
             steps = " / ".join(f"{t:.2f}" for t in measured["step_seconds"])
@@ -366,7 +532,7 @@ def markdown(results: dict) -> str:
         if "ours" in medians:
             ratios.append(f"{run['resolution']} px {run['precision']}: " + ", ".join(
                 f"ours / {floor} {medians['ours'] / medians[floor]:.3f}" for floor in medians if floor != "ours"))
-    lines += ["", *ratios]
+    lines += ["", *ratios, *paired]
     gen = results.get("generation")
     if gen:
         base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])
