@@ -11,6 +11,9 @@ each variant (--variants) runs in its own process (so each peak memory is its ow
   peft    the outside floor: the UNet with a PEFT LoRA of the same rank and targets, forward, backward and AdamW
           on inputs already encoded, as the diffusers example trains it
   frozen  the lower bound: no LoRA, frozen forward and backward to the input latents
+  example the diffusers example's step, rebuilt (VAE and text encoder at every step, PEFT LoRA)
+  paired  ours, peft, frozen and example taken in turn in one process, ratios per round (paired-speedups: the
+          floor and each speed-up so)
   floor   the same step with our LoRALayer; floor-channels-last, floor-fused-adamw and floor-compile try one
           speed-up each, side by side with it
 then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
@@ -324,6 +327,9 @@ PAIRED = {  # a paired variant: (the step every other is compared with, the othe
 }
 
 
+TRAINING_VARIANTS = ["ours", "naive", *PAIRED, *FLOORS]
+
+
 def make_step(variant: str, model_dir: Path, resolution: int, precision: str, device: str, output_dir: Path):
     if variant == "ours":
         return ScriptStep(model_dir, resolution, precision, output_dir)
@@ -459,11 +465,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=["training", "generation"], default=["training", "generation"],
                         help="one part alone keeps the other part's results already in the results file")
     parser.add_argument("--variants", nargs="+", default=["ours", "peft", "frozen"],
-                        choices=["ours", "naive", *PAIRED, *FLOORS],
+                        choices=TRAINING_VARIANTS,
                         help="training variants, each in its own process; paired: ours, peft, frozen and example "
                              "in turn in one process, paired-speedups: floor and each speed-up so (--steps rounds)")
     parser.add_argument("--out", default="", help="results file (default benchmarks/results-<device>.json)")
-    parser.add_argument("--one", choices=["ours", "naive", *PAIRED, *FLOORS, "generation"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=[*TRAINING_VARIANTS, "generation"], help=argparse.SUPPRESS)
     parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
