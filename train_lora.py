@@ -121,6 +121,7 @@ from checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, resolve_resume, run_identity, save_checkpoint,
 )
+from attention import use_fp32_attention_on_cpu  # noqa: E402
 from class_images import generate_missing  # noqa: E402
 from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
                      caption_token_counts)
@@ -967,6 +968,7 @@ def main(cfg: argparse.Namespace) -> Path:
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
     unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
+    use_fp32_attention_on_cpu(unet, accelerator.device, weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     network = inject_lora(cfg, unet, text_encoder)

@@ -14,8 +14,9 @@ each variant (--variants) runs in its own process (so each peak memory is its ow
   example the diffusers example's step, rebuilt (VAE and text encoder at every step, PEFT LoRA)
   paired  ours, peft, frozen and example taken in turn in one process, ratios per round (paired-speedups: the
           floor and each speed-up so)
-  floor   the same step with our LoRALayer; floor-channels-last, floor-fused-adamw and floor-compile try one
-          speed-up each, side by side with it
+  floor   the same step with our LoRALayer and train_lora.py's attention (fp32 on the CPU, attention.py);
+          floor-bf16-attention, floor-channels-last, floor-fused-adamw and floor-compile try one change each,
+          side by side with it
 then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
 Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
 """
@@ -165,6 +166,7 @@ FLOORS = {  # variant: how the UNet is trained in the floor measurement
     "floor-channels-last": "floor with the UNet and its inputs in channels_last memory format",
     "floor-fused-adamw": "floor with AdamW(fused=True)",
     "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
+    "floor-bf16-attention": "floor with the attention product in the training precision (as before attention.py)",
 }
 
 
@@ -188,9 +190,12 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
         return unet, []
     if variant == "peft":
         return unet, add_peft_lora(unet)
+    from attention import use_fp32_attention_on_cpu
     from lora_diffusion import inject_trainable_lora
 
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
+    if variant != "floor-bf16-attention":  # as train_lora.py runs it
+        use_fp32_attention_on_cpu(unet, device, dtype)
     if variant == "floor-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     if variant == "floor-compile":
@@ -294,6 +299,7 @@ class ScriptStep:
         self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
         dtype = PRECISION_DTYPES[precision]
         unet = train_lora.load_unet(str(model_dir), dtype)
+        train_lora.use_fp32_attention_on_cpu(unet, self.accelerator.device, dtype)
         self.network = train_lora.inject_lora(self.cfg, unet, None)
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
@@ -323,7 +329,7 @@ class ScriptStep:
 
 PAIRED = {  # a paired variant: (the step every other is compared with, the others)
     "paired": ("ours", ("peft", "frozen", "example")),
-    "paired-speedups": ("floor", ("floor-channels-last", "floor-fused-adamw")),
+    "paired-speedups": ("floor", ("floor-bf16-attention", "floor-channels-last", "floor-fused-adamw")),
 }
 
 

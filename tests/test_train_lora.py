@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import attention
 import train_lora
 from conftest import REPO_ROOT
 from settings import ConfigError
@@ -146,11 +147,16 @@ def test_two_runs_with_the_same_seed_are_identical(reference_run, tiny_model_dir
     assert all(torch.equal(again[k], v) for k, v in load_file(str(final)).items())
 
 
-def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_path):
-    """bf16 mixed precision with text-encoder LoRA: finite loss, fp32 LoRA weights, lora_te_ keys trained."""
+def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """bf16 mixed precision with text-encoder LoRA: finite loss, fp32 LoRA weights, lora_te_ keys trained; on
+    the CPU every UNet attention layer takes its product in fp32 (attention.py)."""
+    upcast = []
+    monkeypatch.setattr(train_lora, "use_fp32_attention_on_cpu",
+                        lambda *args: upcast.append(attention.use_fp32_attention_on_cpu(*args)))
     cfg = config(tiny_model_dir, tmp_path / "bf16", "--mixed_precision", "bf16", "--train_text_encoder", "true",
                  "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_prompts")
     tensors = load_file(str(train_lora.main(cfg)))
+    assert len(upcast) == 1 and upcast[0] > 0
     te_ups = [t for k, t in tensors.items() if k.startswith("lora_te_text_model_") and k.endswith("lora_up.weight")]
     assert len(te_ups) == 8 and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in te_ups)
     assert all(torch.isfinite(t).all() for t in tensors.values())
