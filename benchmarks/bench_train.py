@@ -488,8 +488,8 @@ def main() -> None:
     results = {"device": device, "machine": machine_name(device), "torch": torch.__version__, "steps": args.steps,
                "runs": []}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
-    if "training" not in args.parts:
-        results = earlier
+    if "training" not in args.parts:  # the training runs already in the file stay; a new file gets the header
+        results = {**results, **earlier}
     elif "generation" not in args.parts and "generation" in earlier:
         results["generation"] = earlier["generation"]
     for resolution in args.resolutions if "training" in args.parts else []:
