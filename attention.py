@@ -1,8 +1,8 @@
 """Attention in fp32 on the CPU when the UNet runs in bf16 or fp16.
 
 PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: over SD 1.4's 4096 tokens at 512 px, forward
-and backward, 909 ms against 392 ms on a 2-core avx512_bf16 CPU (benchmarks/bench_kernels.py), and a 512 px bf16
-training step 20 % faster with the attention product in fp32 (BENCHMARKS.md). So on the CPU the query, key and
+and backward, 909 ms against 392 ms on a 2-core avx512_bf16 CPU (benchmarks/bench_kernels.py); with the attention
+product in fp32, a 512 px bf16 training step took 13.97 s against 16.40 s, steps taken in turn (BENCHMARKS.md). So on the CPU the query, key and
 value are cast up for the product alone and the result cast back; the projections around it stay in the training
 precision. The product's own rounding to bf16 goes, so each layer is a little nearer fp32, and the step as a whole
 stays as near as bf16's rounding elsewhere allows (tests/test_attention.py). On a GPU bf16 and fp16 attention is
