@@ -268,6 +268,16 @@ def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
     return unet.eval().requires_grad_(False)
 
 
+def trainable_unet(cfg, weight_dtype, device, text_encoder):
+    """(the frozen UNet as the loop trains it: in the training precision, attention in fp32 on the CPU, gradient
+    checkpointing if asked; the LoRANetwork injected into it and, with train_text_encoder, into `text_encoder`)."""
+    unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
+    use_fp32_attention_on_cpu(unet, device, weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, inject_lora(cfg, unet, text_encoder)
+
+
 def cached_hub_file(repo_id: str, filename: str) -> Path | None:
     """The local path of a hub model's file when it is in the cache (no download), else None."""
     if Path(repo_id).expanduser().exists() or repo_id.count("/") != 1:
@@ -967,11 +977,7 @@ def main(cfg: argparse.Namespace) -> Path:
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
-    unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
-    use_fp32_attention_on_cpu(unet, accelerator.device, weight_dtype)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    network = inject_lora(cfg, unet, text_encoder)
+    unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder)
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 

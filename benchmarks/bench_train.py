@@ -298,9 +298,7 @@ class ScriptStep:
             train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000)))
         self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
         dtype = PRECISION_DTYPES[precision]
-        unet = train_lora.load_unet(str(model_dir), dtype)
-        train_lora.use_fp32_attention_on_cpu(unet, self.accelerator.device, dtype)
-        self.network = train_lora.inject_lora(self.cfg, unet, None)
+        unet, self.network = train_lora.trainable_unet(self.cfg, dtype, self.accelerator.device, None)
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
