@@ -119,9 +119,10 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 from caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_distribution  # noqa: E402
 from checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
-    prune_checkpoints, resolve_resume, run_identity, save_checkpoint,
+    prune_checkpoints, read_state, resolve_resume, run_identity, save_checkpoint,
 )
 from attention import use_fp32_attention_on_cpu  # noqa: E402
+from cpu_kernels import fp32_kernels_pay, use_fp32_kernels  # noqa: E402
 from class_images import generate_missing  # noqa: E402
 from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
                      caption_token_counts)
@@ -268,14 +269,34 @@ def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
     return unet.eval().requires_grad_(False)
 
 
-def trainable_unet(cfg, weight_dtype, device, text_encoder):
-    """(the frozen UNet as the loop trains it: in the training precision, attention in fp32 on the CPU, gradient
-    checkpointing if asked; the LoRANetwork injected into it and, with train_text_encoder, into `text_encoder`)."""
+def trainable_unet(cfg, weight_dtype, device, text_encoder, fp32_kernels: bool = False):
+    """(the frozen UNet as the loop trains it: in the training precision, attention in fp32 on the CPU, its large
+    layers in fp32 with `fp32_kernels` (see fp32_kernels_here), gradient checkpointing if asked; the LoRANetwork
+    injected into it and, with train_text_encoder, into `text_encoder`)."""
     unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
     use_fp32_attention_on_cpu(unet, device, weight_dtype)
+    if fp32_kernels:
+        use_fp32_kernels(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet, inject_lora(cfg, unet, text_encoder)
+
+
+def fp32_kernels_here(resume_folder: Path | None, device, weight_dtype) -> bool:
+    """Whether the UNet's large convolutions and matmuls compute in fp32 (cpu_kernels.py): only on the CPU in bf16
+    or fp16, as the checkpoint's run did when resuming (so it computes alike), else where a timing says it is
+    faster here."""
+    if torch.device(device).type != "cpu" or weight_dtype == torch.float32:
+        return False
+    if resume_folder is not None:
+        saved = read_state(resume_folder).get("run_identity", {}).get("fp32_kernels")
+        if saved is not None:
+            print(f"CPU kernels: {'fp32' if saved else 'the training precision'} for the large layers, as the run "
+                  f"that wrote {resume_folder.name} took")
+            return saved
+    faster, reason = fp32_kernels_pay(weight_dtype)
+    print(reason)
+    return faster
 
 
 def cached_hub_file(repo_id: str, filename: str) -> Path | None:
@@ -977,7 +998,9 @@ def main(cfg: argparse.Namespace) -> Path:
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
-    unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder)
+    # The kernel choice goes into the checkpoints with the run's identity, for a resume to take it again.
+    identity["fp32_kernels"] = fp32_kernels_here(resume_folder, accelerator.device, weight_dtype)
+    unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder, identity["fp32_kernels"])
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 

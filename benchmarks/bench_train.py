@@ -14,9 +14,9 @@ each variant (--variants) runs in its own process (so each peak memory is its ow
   example the diffusers example's step, rebuilt (VAE and text encoder at every step, PEFT LoRA)
   paired  ours, peft, frozen and example taken in turn in one process, ratios per round (paired-speedups: the
           floor and each speed-up so)
-  floor   the same step with our LoRALayer and train_lora.py's attention (fp32 on the CPU, attention.py);
-          floor-bf16-attention, floor-channels-last, floor-fused-adamw and floor-compile try one change each,
-          side by side with it
+  floor   the same step with our LoRALayer, train_lora.py's attention (fp32 on the CPU, attention.py) and its
+          kernel choice (cpu_kernels.py); floor-bf16-kernels, floor-bf16-attention, floor-channels-last,
+          floor-fused-adamw and floor-compile try one change each, side by side with it
 then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
 Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
 """
@@ -167,6 +167,8 @@ FLOORS = {  # variant: how the UNet is trained in the floor measurement
     "floor-fused-adamw": "floor with AdamW(fused=True)",
     "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
     "floor-bf16-attention": "floor with the attention product in the training precision (as before attention.py)",
+    "floor-bf16-kernels": "floor with the large convolutions and matmuls in the training precision (as before "
+                          "cpu_kernels.py)",
 }
 
 
@@ -191,11 +193,15 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
     if variant == "peft":
         return unet, add_peft_lora(unet)
     from attention import use_fp32_attention_on_cpu
+    from cpu_kernels import use_fp32_kernels
     from lora_diffusion import inject_trainable_lora
+    from train_lora import fp32_kernels_here
 
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
     if variant != "floor-bf16-attention":  # as train_lora.py runs it
         use_fp32_attention_on_cpu(unet, device, dtype)
+    if variant != "floor-bf16-kernels" and fp32_kernels_here(None, device, dtype):
+        use_fp32_kernels(unet)
     if variant == "floor-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     if variant == "floor-compile":
@@ -298,7 +304,9 @@ class ScriptStep:
             train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000)))
         self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
         dtype = PRECISION_DTYPES[precision]
-        unet, self.network = train_lora.trainable_unet(self.cfg, dtype, self.accelerator.device, None)
+        device = self.accelerator.device
+        unet, self.network = train_lora.trainable_unet(self.cfg, dtype, device, None,
+                                                       train_lora.fp32_kernels_here(None, device, dtype))
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
@@ -327,7 +335,8 @@ class ScriptStep:
 
 PAIRED = {  # a paired variant: (the step every other is compared with, the others)
     "paired": ("ours", ("peft", "frozen", "example")),
-    "paired-speedups": ("floor", ("floor-bf16-attention", "floor-channels-last", "floor-fused-adamw")),
+    "paired-speedups": ("floor", ("floor-bf16-kernels", "floor-bf16-attention", "floor-channels-last",
+                                  "floor-fused-adamw")),
 }
 
 

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import attention
+import cpu_kernels
 import train_lora
+from checkpoints import STATE_JSON
 from conftest import REPO_ROOT
 from settings import ConfigError
 
@@ -160,6 +162,30 @@ def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_pat
     te_ups = [t for k, t in tensors.items() if k.startswith("lora_te_text_model_") and k.endswith("lora_up.weight")]
     assert len(te_ups) == 8 and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in te_ups)
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_bf16_on_a_cpu_with_slow_bf16_kernels_resumes_with_the_runs_kernel_choice(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """Where the timing finds fp32 kernels faster, the run takes them (cpu_kernels.py; MIN_POSITIONS lowered to
+    reach the tiny UNet) and its checkpoints say so; a resume takes that choice even where the timing now says
+    otherwise, and finishes bitwise as the uninterrupted run. A run that keeps the bf16 kernels ends elsewhere."""
+    monkeypatch.setattr(cpu_kernels, "MIN_POSITIONS", 0)
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (0.5, 1.0))
+    flags = ("--mixed_precision", "bf16", "--max_train_steps", "4", "--validation_prompts")
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = load_file(str(train_lora.main(config(tiny_model_dir, uninterrupted, *flags))))
+    state = json.loads((uninterrupted / "checkpoint-2" / STATE_JSON).read_text())
+    assert state["run_identity"]["fp32_kernels"] is True
+
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (1.0, 0.5))
+    resumed_output = tmp_path / "resumed"
+    resumed_output.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed_output / "checkpoint-2")
+    resumed = load_file(str(train_lora.main(config(tiny_model_dir, resumed_output, *flags,
+                                                   "--resume_from_checkpoint", "latest"))))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    with_bf16_kernels = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "bf16", *flags))))
+    assert not all(torch.equal(with_bf16_kernels[k], reference[k]) for k in reference)
 
 
 def replayed(items: list[int], draws) -> list:

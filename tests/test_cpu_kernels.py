@@ -1,0 +1,124 @@
+"""cpu_kernels.py: the UNet's large convolutions and matmuls in fp32 on a CPU whose bf16 kernels are slower."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+import cpu_kernels
+import train_lora
+from checkpoints import STATE_JSON
+from cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
+from test_attention import lora_unet, output_and_lora_grads
+
+
+def frozen_bf16(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.to(torch.bfloat16).requires_grad_(False)
+
+
+def output_and_input_grad(layer, x, grad) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+def test_a_large_layer_computes_in_fp32_and_rounds_output_and_input_gradient_to_bf16():
+    """Over MIN_POSITIONS positions a frozen bf16 layer gives what fp32 arithmetic on its bf16 input and weights
+    gives, rounded to bf16, for its output and its input gradient alike (bitwise)."""
+    torch.manual_seed(0)
+    conv, linear = frozen_bf16(torch.nn.Conv2d(16, 24, 3, padding=1)), frozen_bf16(torch.nn.Linear(16, 24))
+    image = torch.randn(1, 16, 32, 32, dtype=torch.bfloat16)  # 1024 positions
+    rows = torch.randn(2, 512, 16, dtype=torch.bfloat16)
+    assert 32 * 32 >= cpu_kernels.MIN_POSITIONS
+    image_grad = torch.randn(1, 24, 32, 32, dtype=torch.bfloat16)
+    rows_grad = torch.randn(2, 512, 24, dtype=torch.bfloat16)
+
+    def exact_conv(x):
+        return F.conv2d(x, conv.weight.float(), conv.bias.float(), padding=1)
+
+    def exact_linear(x):
+        return F.linear(x, linear.weight.float(), linear.bias.float())
+
+    use_fp32_kernels(conv), use_fp32_kernels(linear)
+    assert type(conv) is Float32Conv2d and type(linear) is Float32Linear
+    for layer, exact, x, grad in ((conv, exact_conv, image, image_grad), (linear, exact_linear, rows, rows_grad)):
+        out, x_grad = output_and_input_grad(layer, x, grad)
+        x32 = x.float().requires_grad_()
+        expected = exact(x32)
+        expected.backward(grad.float())
+        assert out.dtype == x_grad.dtype == torch.bfloat16
+        assert torch.equal(out, expected.to(torch.bfloat16)) and torch.equal(x_grad, x32.grad.to(torch.bfloat16))
+
+
+def test_a_small_or_trainable_layer_keeps_the_default_kernel():
+    """Under MIN_POSITIONS positions, or with a weight that trains, the layer is the plain bf16 one bitwise, and a
+    trainable weight still gets its gradient."""
+    torch.manual_seed(0)
+    conv = frozen_bf16(torch.nn.Conv2d(8, 8, 3, padding=1))
+    small = torch.randn(1, 8, 16, 16, dtype=torch.bfloat16)  # 256 positions
+    grad = torch.randn(1, 8, 16, 16, dtype=torch.bfloat16)
+    default = output_and_input_grad(conv, small, grad)
+    use_fp32_kernels(conv)
+    assert all(torch.equal(a, b) for a, b in zip(output_and_input_grad(conv, small, grad), default))
+
+    trainable = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    rows = torch.randn(2048, 8, dtype=torch.bfloat16)
+    default = output_and_input_grad(trainable, rows, torch.ones(2048, 8, dtype=torch.bfloat16))
+    trainable.weight.grad = None
+    trainable.__class__ = Float32Linear  # as if swapped while frozen, then unfrozen
+    ours = output_and_input_grad(trainable, rows, torch.ones(2048, 8, dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(ours, default)) and trainable.weight.grad is not None
+
+
+def test_in_bf16_the_unet_step_stays_as_near_fp32_and_keeps_its_weights(tiny_model_dir, unet_inputs, monkeypatch):
+    """Every frozen layer of the tiny UNet (MIN_POSITIONS lowered to reach it) in fp32: the output and LoRA
+    gradients change (so the kernels are in the step) and stay as near the fp32 computation as bf16's, the LoRA's
+    own fp32 layers are left alone, and the state dict is the same tensors under the same keys."""
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setattr(cpu_kernels, "MIN_POSITIONS", 0)
+
+    def loaded(dtype):
+        torch.manual_seed(0)
+        return lora_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), dtype)
+
+    reference = output_and_lora_grads(loaded(torch.float32), unet_inputs, torch.float32)
+    unet = loaded(torch.bfloat16)
+    in_bf16 = output_and_lora_grads(unet, unet_inputs, torch.bfloat16)
+    state = unet.state_dict()
+    changed = use_fp32_kernels(unet)
+    swapped = [m for m in unet.modules() if type(m) in (Float32Conv2d, Float32Linear)]
+    assert changed == len(swapped) > 0 and all(m.weight.dtype == torch.bfloat16 for m in swapped)
+    assert all(type(m) is torch.nn.Linear for m in unet.modules() if getattr(m, "weight", None) is not None
+               and m.weight.requires_grad)
+    in_fp32 = output_and_lora_grads(unet, unet_inputs, torch.bfloat16)
+
+    def error(result):
+        return sum((a - b).norm() / b.norm() for a, b in zip(result, reference))
+
+    assert not torch.equal(in_fp32[0], in_bf16[0])
+    assert error(in_fp32) < 1.05 * error(in_bf16)
+    assert state.keys() == unet.state_dict().keys()
+    assert all(state[k] is v or torch.equal(state[k], v) for k, v in unet.state_dict().items())
+
+
+def never_timed(dtype):
+    raise AssertionError("the kernels were timed")
+
+
+def test_the_choice_is_timed_only_on_the_cpu_in_low_precision(monkeypatch, tmp_path):
+    """A GPU or fp32 never takes fp32 kernels and never times; a resume takes the checkpoint's choice untimed;
+    otherwise fp32 is taken only when it is faster by the margin."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
+    assert not train_lora.fp32_kernels_here(None, torch.device("cuda"), torch.bfloat16)
+    assert not train_lora.fp32_kernels_here(None, cpu, torch.float32)
+    (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": {"fp32_kernels": True}}))
+    assert train_lora.fp32_kernels_here(tmp_path, cpu, torch.bfloat16)
+    assert not train_lora.fp32_kernels_here(tmp_path, torch.device("cuda"), torch.bfloat16)
+
+    for fp32_seconds, expected in ((0.5, True), (0.95, False), (1.5, False)):
+        monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (fp32_seconds, 1.0))
+        assert train_lora.fp32_kernels_here(None, cpu, torch.bfloat16) is expected
