@@ -31,6 +31,19 @@ def lora_unet(unet, dtype):
     return unet
 
 
+def seeded_lora_unet(tiny_model_dir, dtype):
+    """The tiny model's UNet with the same seeded LoRA each call, in `dtype`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return lora_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), dtype)
+
+
+def relative_error(result: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+    """The summed relative distances of output and gradients to the reference computation's."""
+    return sum((a - b).norm() / b.norm() for a, b in zip(result, reference))
+
+
 def test_in_fp32_the_processor_is_the_default_attention_bitwise(unet, unet_inputs):
     """With nothing to cast, the processor computes exactly what diffusers' own does: the same output and LoRA
     gradients, bitwise."""
@@ -45,14 +58,8 @@ def test_in_bf16_on_the_cpu_every_layer_takes_it_and_the_step_stays_as_near_fp32
     """On the CPU in bf16 every attention layer gets the processor; it changes the output and LoRA gradients (so
     it is in the step), and they stay as near the fp32 computation as bf16 attention's (bf16's own rounding
     elsewhere in the UNet sets that distance)."""
-    from diffusers import UNet2DConditionModel
-
-    def loaded(dtype):
-        torch.manual_seed(0)
-        return lora_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), dtype)
-
-    reference = output_and_lora_grads(loaded(torch.float32), unet_inputs, torch.float32)
-    bf16 = loaded(torch.bfloat16)
+    reference = output_and_lora_grads(seeded_lora_unet(tiny_model_dir, torch.float32), unet_inputs, torch.float32)
+    bf16 = seeded_lora_unet(tiny_model_dir, torch.bfloat16)
     in_bf16 = output_and_lora_grads(bf16, unet_inputs, torch.bfloat16)
     changed = use_fp32_attention_on_cpu(bf16, torch.device("cpu"), torch.bfloat16)
     layers = attention_layers(bf16)
@@ -60,11 +67,8 @@ def test_in_bf16_on_the_cpu_every_layer_takes_it_and_the_step_stays_as_near_fp32
     assert all(isinstance(layer.processor, Float32AttentionProcessor) for layer in layers)
     in_fp32 = output_and_lora_grads(bf16, unet_inputs, torch.bfloat16)
 
-    def error(result):
-        return sum((a - b).norm() / b.norm() for a, b in zip(result, reference))
-
     assert not torch.equal(in_fp32[0], in_bf16[0])
-    assert error(in_fp32) < 1.05 * error(in_bf16)
+    assert relative_error(in_fp32, reference) < 1.05 * relative_error(in_bf16, reference)
 
 
 def test_one_layer_in_bf16_is_nearer_fp32_with_the_product_in_fp32():

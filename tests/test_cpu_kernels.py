@@ -9,7 +9,7 @@ import cpu_kernels
 import train_lora
 from checkpoints import STATE_JSON
 from cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
-from test_attention import lora_unet, output_and_lora_grads
+from test_attention import output_and_lora_grads, relative_error, seeded_lora_unet
 
 
 def frozen_bf16(layer: torch.nn.Module) -> torch.nn.Module:
@@ -76,16 +76,9 @@ def test_in_bf16_the_unet_step_stays_as_near_fp32_and_keeps_its_weights(tiny_mod
     """Every frozen layer of the tiny UNet (MIN_POSITIONS lowered to reach it) in fp32: the output and LoRA
     gradients change (so the kernels are in the step) and stay as near the fp32 computation as bf16's, the LoRA's
     own fp32 layers are left alone, and the state dict is the same tensors under the same keys."""
-    from diffusers import UNet2DConditionModel
-
     monkeypatch.setattr(cpu_kernels, "MIN_POSITIONS", 0)
-
-    def loaded(dtype):
-        torch.manual_seed(0)
-        return lora_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), dtype)
-
-    reference = output_and_lora_grads(loaded(torch.float32), unet_inputs, torch.float32)
-    unet = loaded(torch.bfloat16)
+    reference = output_and_lora_grads(seeded_lora_unet(tiny_model_dir, torch.float32), unet_inputs, torch.float32)
+    unet = seeded_lora_unet(tiny_model_dir, torch.bfloat16)
     in_bf16 = output_and_lora_grads(unet, unet_inputs, torch.bfloat16)
     state = unet.state_dict()
     changed = use_fp32_kernels(unet)
@@ -95,11 +88,8 @@ def test_in_bf16_the_unet_step_stays_as_near_fp32_and_keeps_its_weights(tiny_mod
                and m.weight.requires_grad)
     in_fp32 = output_and_lora_grads(unet, unet_inputs, torch.bfloat16)
 
-    def error(result):
-        return sum((a - b).norm() / b.norm() for a, b in zip(result, reference))
-
     assert not torch.equal(in_fp32[0], in_bf16[0])
-    assert error(in_fp32) < 1.05 * error(in_bf16)
+    assert relative_error(in_fp32, reference) < 1.05 * relative_error(in_bf16, reference)
     assert state.keys() == unet.state_dict().keys()
     assert all(state[k] is v or torch.equal(state[k], v) for k, v in unet.state_dict().items())
 
