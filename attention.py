@@ -1,12 +1,12 @@
-"""Attention in fp32 on the CPU when the UNet runs in bf16 or fp16.
+"""The attention product in fp32 inside a bf16 or fp16 UNet, for CPUs where that is faster.
 
-PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: over SD 1.4's 4096 tokens at 512 px, forward
-and backward, 909 ms against 392 ms on a 2-core avx512_bf16 CPU (benchmarks/bench_kernels.py); with the attention
-product in fp32, a 512 px bf16 training step took 13.97 s against 16.40 s, steps taken in turn (BENCHMARKS.md). So on the CPU the query, key and
-value are cast up for the product alone and the result cast back; the projections around it stay in the training
-precision. The product's own rounding to bf16 goes, so each layer is a little nearer fp32, and the step as a whole
-stays as near as bf16's rounding elsewhere allows (tests/test_attention.py). On a GPU bf16 and fp16 attention is
-the fast path, and nothing changes there.
+PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 on some CPUs and faster on others: over SD 1.4's
+4096 tokens at 512 px, forward and backward, 801 ms in bf16 against 448 ms in fp32 on a 2-core avx512_bf16 Xeon,
+486 against 601 ms on an AMD EPYC (Zen 4) (benchmarks/bench_kernels.py). cpu_kernels.fp32_choices times it at
+start; where fp32 wins, the query, key and value are cast up for the product alone and the result cast back, and
+the projections around it stay in the training precision. The product's own rounding to bf16 goes, so each layer
+is a little nearer fp32, and the step as a whole stays as near as bf16's rounding elsewhere allows
+(tests/test_attention.py). On a GPU bf16 and fp16 attention is the fast path, and nothing changes there.
 """
 
 import torch
@@ -46,11 +46,8 @@ def is_plain(attn: Attention) -> bool:
             and isinstance(attn.processor, AttnProcessor2_0))
 
 
-def use_fp32_attention_on_cpu(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> int:
-    """Give each plain attention layer of `unet` the fp32 processor when it runs on the CPU in bf16 or fp16;
-    returns how many layers got it (0 on a GPU or in fp32)."""
-    if torch.device(device).type != "cpu" or dtype == torch.float32:
-        return 0
+def use_fp32_attention(unet: torch.nn.Module) -> int:
+    """Give each plain attention layer of `unet` the fp32 processor; returns how many layers got it."""
     layers = [module for module in unet.modules() if isinstance(module, Attention) and is_plain(module)]
     processor = Float32AttentionProcessor()  # it keeps no state, so one serves every layer
     for layer in layers:

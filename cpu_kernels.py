@@ -1,18 +1,20 @@
-"""The UNet's large convolutions and matmuls in fp32 on a CPU whose bf16 (or fp16) kernels are slower.
+"""Which parts of a bf16 (or fp16) UNet step compute in fp32 on this CPU: the attention product, and the large
+convolutions and matmuls. Each is timed at start and taken in fp32 only where that is faster here.
 
-A CPU without bf16 matrix units (AMX) multiplies bf16 no faster than fp32, and oneDNN's bf16 kernels then lose to
-its fp32 ones. On a 2-core avx512_bf16 Xeon, forward and backward to the input: a 3x3 convolution of 320 channels
-over 64 x 64 positions takes 105 ms in bf16 against 72 in fp32, a 4096 x 320 -> 2560 linear layer 98 against 75 ms
-(benchmarks/bench_kernels.py). An AMD EPYC with avx512_bf16 is the other way round (108 against 185 ms for the
-convolution). So a short timing at
-start decides, and the decision is kept with the run's checkpoints, so that a resumed run computes as the original
-did.
+CPUs differ both ways. A CPU without bf16 matrix units (AMX) may multiply bf16 no faster than fp32, and oneDNN's
+bf16 kernels then lose to its fp32 ones: on a 2-core avx512_bf16 Xeon, forward and backward to the input, a 3x3
+convolution of 320 channels over 64 x 64 positions took 105 ms in bf16 against 72 in fp32, and attention over 4096
+tokens 801 ms against 448 (benchmarks/bench_kernels.py). An AMD EPYC (Zen 4) is the other way round for both: 39
+against 80 ms for the convolution, 486 against 601 for attention. So a short timing at start decides each
+(fp32_choices), and the decision is kept with the run's checkpoints, so that a resumed run computes as the
+original did.
 
-Where fp32 is faster, each frozen Conv2d and Linear of the UNet over at least MIN_POSITIONS positions (pixels times
-batch, or rows) reads its bf16 input and weight as fp32, computes in fp32 and rounds its output to bf16, as the
-bf16 kernel does after accumulating in fp32; its input gradient likewise. Smaller layers (SD 1.4's 16 x 16 and 8 x 8
-levels at 512 px) stay with the bf16 kernels, which are as fast or faster there. Only the frozen weight is kept for
-the backward pass, never an fp32 copy. On a GPU, and in fp32, nothing changes.
+Where fp32 kernels are faster, each frozen Conv2d and Linear of the UNet over at least MIN_POSITIONS positions
+(pixels times batch, or rows) reads its bf16 input and weight as fp32, computes in fp32 and rounds its output to
+bf16, as the bf16 kernel does after accumulating in fp32; its input gradient likewise. Smaller layers (SD 1.4's
+16 x 16 and 8 x 8 levels at 512 px) stay with the bf16 kernels, which are as fast or faster there. Only the frozen
+weight is kept for the backward pass, never an fp32 copy. Where fp32 attention is faster, attention.py's processor
+takes the product in fp32. On a GPU, and in fp32, nothing changes.
 """
 
 import time
@@ -20,6 +22,8 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attention import use_fp32_attention
 
 MIN_POSITIONS = 1024  # below this, the fp32 kernel's gain does not pay for reading the weight as fp32
 FASTER_BY = 0.9  # fp32 is taken only when it needs at most this share of the low-precision kernels' time
@@ -85,9 +89,22 @@ class Float32Linear(nn.Linear):
             return _LinearInFp32.apply(x, self.weight, self.bias)
 
 
+def timed_in_turn(one_pass, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(fp32 seconds, `dtype` seconds): the median of `repeats` calls of `one_pass(precision)` (which returns its
+    seconds) in each precision, the two taken in turn so that a change in the machine's speed hits both alike."""
+    seconds = {torch.float32: [], dtype: []}
+    for index in range(repeats + 1):  # the first round warms the kernels up
+        for precision in seconds:
+            taken = one_pass(precision)
+            if index:
+                seconds[precision].append(taken)
+    fp32, low = (sorted(seconds[p])[repeats // 2] for p in (torch.float32, dtype))
+    return fp32, low
+
+
 def kernel_timings(dtype: torch.dtype, repeats: int = 3) -> tuple[float, float]:
-    """(fp32 seconds, `dtype` seconds): the median of `repeats` forward and backward passes of SD 1.4's first-level
-    3x3 convolution and feed-forward linear layer at 512 px, the two precisions taken in turn."""
+    """(fp32 seconds, `dtype` seconds): forward and backward passes of SD 1.4's first-level 3x3 convolution and
+    feed-forward linear layer at 512 px."""
     generator = torch.Generator().manual_seed(0)
     conv_weight = torch.randn(320, 320, 3, 3, generator=generator) * 0.02
     linear_weight = torch.randn(1280, 320, generator=generator) * 0.05
@@ -101,24 +118,46 @@ def kernel_timings(dtype: torch.dtype, repeats: int = 3) -> tuple[float, float]:
         F.linear(y, linear_weight.to(precision)).sum().backward()
         return time.perf_counter() - start
 
-    seconds = {torch.float32: [], dtype: []}
-    for index in range(repeats + 1):  # the first round warms the kernels up
-        for precision in seconds:
-            taken = one_pass(precision)
-            if index:
-                seconds[precision].append(taken)
-    fp32, low = (sorted(seconds[p])[repeats // 2] for p in (torch.float32, dtype))
-    return fp32, low
+    return timed_in_turn(one_pass, dtype, repeats)
 
 
-def fp32_kernels_pay(dtype: torch.dtype) -> tuple[bool, str]:
-    """(whether the UNet's large layers in `dtype`, bf16 or fp16, should compute in fp32 on this CPU, a line saying
-    why), from kernel_timings."""
-    fp32, low = kernel_timings(dtype)
+def attention_timings(dtype: torch.dtype, repeats: int = 3) -> tuple[float, float]:
+    """(fp32 seconds, `dtype` seconds): forward and backward passes of SD 1.4's largest self-attention at 512 px
+    (4096 tokens, 8 heads of 40) from a query, key and value in `dtype`; the fp32 pass includes the processor's
+    casts up and back down, as a training step pays them."""
+    generator = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(1, 8, 4096, 40, generator=generator).to(dtype) for _ in range(3)]
+
+    def one_pass(precision: torch.dtype) -> float:
+        query, key, value = (t.detach().requires_grad_() for t in qkv)
+        start = time.perf_counter()
+        out = F.scaled_dot_product_attention(*(t.to(precision) for t in (query, key, value)))
+        out.to(dtype).sum().backward()
+        return time.perf_counter() - start
+
+    return timed_in_turn(one_pass, dtype, repeats)
+
+
+def fp32_choices(dtype: torch.dtype) -> tuple[dict[str, bool], str]:
+    """({"fp32_attention": ..., "fp32_kernels": ...}: whether each part of a UNet step in `dtype`, bf16 or fp16,
+    should compute in fp32 on this CPU, a line saying why), from attention_timings and kernel_timings."""
     name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
-    faster = fp32 <= FASTER_BY * low
-    verdict = "large convolutions and matmuls in fp32" if faster else f"{name} kernels kept"
-    return faster, f"CPU kernels: fp32 {fp32 * 1000:.0f} ms, {name} {low * 1000:.0f} ms per probe pass: {verdict}"
+    choices, parts = {}, []
+    for key, label, timings in (("fp32_attention", "attention", attention_timings),
+                                ("fp32_kernels", "large convolutions and matmuls", kernel_timings)):
+        fp32, low = timings(dtype)
+        choices[key] = fp32 <= FASTER_BY * low
+        parts.append(f"{label} fp32 {fp32 * 1000:.0f} ms, {name} {low * 1000:.0f} ms: "
+                     f"{'fp32' if choices[key] else name} taken")
+    return choices, "CPU kernels (per probe pass): " + "; ".join(parts)
+
+
+def use_fp32_choices(unet: nn.Module, choices: dict[str, bool]) -> None:
+    """Give `unet` the fp32 attention and fp32 kernels that `choices` (fp32_choices's) take."""
+    if choices["fp32_attention"]:
+        use_fp32_attention(unet)
+    if choices["fp32_kernels"]:
+        use_fp32_kernels(unet)
 
 
 def use_fp32_kernels(unet: nn.Module) -> int:

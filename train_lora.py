@@ -108,7 +108,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
+from accelerate.utils import broadcast_object_list, gather_object  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
@@ -121,8 +121,7 @@ from checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, read_state, resolve_resume, run_identity, save_checkpoint,
 )
-from attention import use_fp32_attention_on_cpu  # noqa: E402
-from cpu_kernels import fp32_kernels_pay, use_fp32_kernels  # noqa: E402
+from cpu_kernels import fp32_choices, use_fp32_choices  # noqa: E402
 from class_images import generate_missing  # noqa: E402
 from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
                      caption_token_counts)
@@ -269,34 +268,37 @@ def load_unet(name_or_path: str, weight_dtype) -> UNet2DConditionModel:
     return unet.eval().requires_grad_(False)
 
 
-def trainable_unet(cfg, weight_dtype, device, text_encoder, fp32_kernels: bool = False):
-    """(the frozen UNet as the loop trains it: in the training precision, attention in fp32 on the CPU, its large
-    layers in fp32 with `fp32_kernels` (see fp32_kernels_here), gradient checkpointing if asked; the LoRANetwork
-    injected into it and, with train_text_encoder, into `text_encoder`)."""
+def trainable_unet(cfg, weight_dtype, device, text_encoder, fp32_parts: dict[str, bool]):
+    """(the frozen UNet as the loop trains it: in the training precision, with the parts `fp32_parts` names in fp32
+    (see fp32_parts_here), gradient checkpointing if asked; the LoRANetwork injected into it and, with
+    train_text_encoder, into `text_encoder`)."""
     unet = load_unet(cfg.pretrained_model_name_or_path, weight_dtype)
-    use_fp32_attention_on_cpu(unet, device, weight_dtype)
-    if fp32_kernels:
-        use_fp32_kernels(unet)
+    use_fp32_choices(unet, fp32_parts)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet, inject_lora(cfg, unet, text_encoder)
 
 
-def fp32_kernels_here(resume_folder: Path | None, device, weight_dtype) -> bool:
-    """Whether the UNet's large convolutions and matmuls compute in fp32 (cpu_kernels.py): only on the CPU in bf16
-    or fp16, as the checkpoint's run did when resuming (so it computes alike), else where a timing says it is
-    faster here."""
+NO_FP32_PARTS = {"fp32_attention": False, "fp32_kernels": False}
+
+
+def fp32_parts_here(resume_folder: Path | None, device, weight_dtype) -> dict[str, bool]:
+    """Which parts of the UNet step compute in fp32 (cpu_kernels.py): only on the CPU in bf16 or fp16, as the
+    checkpoint's run did when resuming (so it computes alike), else where a timing says it is faster here."""
     if torch.device(device).type != "cpu" or weight_dtype == torch.float32:
-        return False
+        return dict(NO_FP32_PARTS)
     if resume_folder is not None:
-        saved = read_state(resume_folder).get("run_identity", {}).get("fp32_kernels")
-        if saved is not None:
-            print(f"CPU kernels: {'fp32' if saved else 'the training precision'} for the large layers, as the run "
-                  f"that wrote {resume_folder.name} took")
-            return saved
-    faster, reason = fp32_kernels_pay(weight_dtype)
+        saved = read_state(resume_folder).get("run_identity", {})
+        if "fp32_kernels" in saved:
+            # A checkpoint from before the attention was timed took it in fp32 on every CPU in bf16 or fp16.
+            parts = {"fp32_attention": saved.get("fp32_attention", True), "fp32_kernels": saved["fp32_kernels"]}
+            precision = {True: "fp32", False: "the training precision"}
+            print(f"CPU kernels: attention in {precision[parts['fp32_attention']]}, large convolutions and matmuls in "
+                  f"{precision[parts['fp32_kernels']]}, as the run that wrote {resume_folder.name} took")
+            return parts
+    parts, reason = fp32_choices(weight_dtype)
     print(reason)
-    return faster
+    return parts
 
 
 def cached_hub_file(repo_id: str, filename: str) -> Path | None:
@@ -998,9 +1000,12 @@ def main(cfg: argparse.Namespace) -> Path:
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
-    # The kernel choice goes into the checkpoints with the run's identity, for a resume to take it again.
-    identity["fp32_kernels"] = fp32_kernels_here(resume_folder, accelerator.device, weight_dtype)
-    unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder, identity["fp32_kernels"])
+    # Which parts compute in fp32 on this CPU goes into the checkpoints with the run's identity, for a resume to take
+    # it again; the main process decides for all, so that every process computes alike.
+    fp32_parts = broadcast_object_list([fp32_parts_here(resume_folder, accelerator.device, weight_dtype)
+                                        if accelerator.is_main_process else None])[0]
+    identity.update(fp32_parts)
+    unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder, fp32_parts)
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 

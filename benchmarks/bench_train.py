@@ -14,14 +14,16 @@ each variant (--variants) runs in its own process (so each peak memory is its ow
   example the diffusers example's step, rebuilt (VAE and text encoder at every step, PEFT LoRA)
   paired  ours, peft, frozen and example taken in turn in one process, ratios per round (paired-speedups: the
           floor and each speed-up so)
-  floor   the same step with our LoRALayer, train_lora.py's attention (fp32 on the CPU, attention.py) and its
-          kernel choice (cpu_kernels.py); floor-bf16-kernels, floor-bf16-attention, floor-channels-last,
-          floor-fused-adamw and floor-compile try one change each, side by side with it
+  floor   the same step with our LoRALayer and train_lora.py's timed choice of the parts in fp32 on the CPU
+          (cpu_kernels.py); floor-fp32-/floor-bf16-attention and -kernels force one choice, floor-channels-last,
+          floor-fused-adamw and floor-compile try one change each, side by side with it (the forced variants
+          that equal this machine's choice show the run's noise)
 then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
 Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
 """
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -166,9 +168,12 @@ FLOORS = {  # variant: how the UNet is trained in the floor measurement
     "floor-channels-last": "floor with the UNet and its inputs in channels_last memory format",
     "floor-fused-adamw": "floor with AdamW(fused=True)",
     "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
-    "floor-bf16-attention": "floor with the attention product in the training precision (as before attention.py)",
-    "floor-bf16-kernels": "floor with the large convolutions and matmuls in the training precision (as before "
-                          "cpu_kernels.py)",
+    "floor-fp32-attention": "floor with the attention product in fp32 whatever the timing says (attention.py)",
+    "floor-bf16-attention": "floor with the attention product in the training precision whatever the timing says",
+    "floor-fp32-kernels": "floor with the large convolutions and matmuls in fp32 whatever the timing says "
+                          "(cpu_kernels.py)",
+    "floor-bf16-kernels": "floor with the large convolutions and matmuls in the training precision whatever the "
+                          "timing says",
 }
 
 
@@ -184,6 +189,15 @@ def add_peft_lora(unet) -> list:
     return parameters
 
 
+@functools.cache
+def timed_fp32_parts(device: str, dtype: torch.dtype) -> dict[str, bool]:
+    """The parts of the step train_lora.py would compute in fp32 on this machine, timed once per process so that
+    every step measured in it takes the same choice."""
+    from train_lora import fp32_parts_here
+
+    return fp32_parts_here(None, device, dtype)
+
+
 def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
     """(UNet ready for the variant's step, its trainable parameters)."""
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype).to(device)
@@ -192,16 +206,15 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
         return unet, []
     if variant == "peft":
         return unet, add_peft_lora(unet)
-    from attention import use_fp32_attention_on_cpu
-    from cpu_kernels import use_fp32_kernels
+    from cpu_kernels import use_fp32_choices
     from lora_diffusion import inject_trainable_lora
-    from train_lora import fp32_kernels_here
 
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
-    if variant != "floor-bf16-attention":  # as train_lora.py runs it
-        use_fp32_attention_on_cpu(unet, device, dtype)
-    if variant != "floor-bf16-kernels" and fp32_kernels_here(None, device, dtype):
-        use_fp32_kernels(unet)
+    fp32_parts = dict(timed_fp32_parts(device, dtype))
+    for part in ("attention", "kernels"):
+        if variant in (f"floor-fp32-{part}", f"floor-bf16-{part}"):
+            fp32_parts[f"fp32_{part}"] = variant == f"floor-fp32-{part}"
+    use_fp32_choices(unet, fp32_parts)
     if variant == "floor-channels-last":
         unet = unet.to(memory_format=torch.channels_last)
     if variant == "floor-compile":
@@ -306,7 +319,7 @@ class ScriptStep:
         dtype = PRECISION_DTYPES[precision]
         device = self.accelerator.device
         unet, self.network = train_lora.trainable_unet(self.cfg, dtype, device, None,
-                                                       train_lora.fp32_kernels_here(None, device, dtype))
+                                                       timed_fp32_parts(device.type, dtype))
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
@@ -335,8 +348,8 @@ class ScriptStep:
 
 PAIRED = {  # a paired variant: (the step every other is compared with, the others)
     "paired": ("ours", ("peft", "frozen", "example")),
-    "paired-speedups": ("floor", ("floor-bf16-kernels", "floor-bf16-attention", "floor-channels-last",
-                                  "floor-fused-adamw")),
+    "paired-speedups": ("floor", ("floor-fp32-attention", "floor-bf16-attention", "floor-fp32-kernels",
+                                  "floor-bf16-kernels", "floor-channels-last", "floor-fused-adamw")),
 }
 
 

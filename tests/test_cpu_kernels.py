@@ -1,4 +1,5 @@
-"""cpu_kernels.py: the UNet's large convolutions and matmuls in fp32 on a CPU whose bf16 kernels are slower."""
+"""cpu_kernels.py: which parts of a bf16 UNet step compute in fp32 on this CPU, and the large convolutions and
+matmuls in fp32 where they do."""
 
 import json
 
@@ -98,17 +99,59 @@ def never_timed(dtype):
     raise AssertionError("the kernels were timed")
 
 
-def test_the_choice_is_timed_only_on_the_cpu_in_low_precision(monkeypatch, tmp_path):
-    """A GPU or fp32 never takes fp32 kernels and never times; a resume takes the checkpoint's choice untimed;
-    otherwise fp32 is taken only when it is faster by the margin."""
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
-    assert not train_lora.fp32_kernels_here(None, torch.device("cuda"), torch.bfloat16)
-    assert not train_lora.fp32_kernels_here(None, cpu, torch.float32)
-    (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": {"fp32_kernels": True}}))
-    assert train_lora.fp32_kernels_here(tmp_path, cpu, torch.bfloat16)
-    assert not train_lora.fp32_kernels_here(tmp_path, torch.device("cuda"), torch.bfloat16)
+def timings(attention: tuple[float, float], kernels: tuple[float, float], monkeypatch) -> None:
+    """Make the probes report these (fp32 seconds, bf16 seconds)."""
+    monkeypatch.setattr(cpu_kernels, "attention_timings", lambda dtype: attention)
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: kernels)
 
-    for fp32_seconds, expected in ((0.5, True), (0.95, False), (1.5, False)):
-        monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (fp32_seconds, 1.0))
-        assert train_lora.fp32_kernels_here(None, cpu, torch.bfloat16) is expected
+
+def test_the_choice_is_timed_only_on_the_cpu_in_low_precision(monkeypatch, tmp_path):
+    """A GPU or fp32 never takes an fp32 part and never times; a resume takes the checkpoint's choice untimed;
+    otherwise each part is taken in fp32 only when fp32 is faster by the margin, the two decided apart."""
+    cpu, none = torch.device("cpu"), {"fp32_attention": False, "fp32_kernels": False}
+    monkeypatch.setattr(cpu_kernels, "attention_timings", never_timed)
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
+    assert train_lora.fp32_parts_here(None, torch.device("cuda"), torch.bfloat16) == none
+    assert train_lora.fp32_parts_here(None, cpu, torch.float32) == none
+    saved = {"fp32_attention": True, "fp32_kernels": False}
+    (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": saved}))
+    assert train_lora.fp32_parts_here(tmp_path, cpu, torch.bfloat16) == saved
+    assert train_lora.fp32_parts_here(tmp_path, torch.device("cuda"), torch.bfloat16) == none
+
+    for attention, kernels in (((0.5, 1.0), (1.0, 0.5)), ((0.95, 1.0), (0.5, 1.0)), ((1.5, 1.0), (0.9, 1.0))):
+        timings(attention, kernels, monkeypatch)
+        assert train_lora.fp32_parts_here(None, cpu, torch.bfloat16) == {
+            "fp32_attention": attention[0] <= 0.9 * attention[1], "fp32_kernels": kernels[0] <= 0.9 * kernels[1]}
+
+
+def test_a_checkpoint_from_before_attention_was_timed_resumes_with_fp32_attention(monkeypatch, tmp_path):
+    """A checkpoint that records only the kernel choice was written when every CPU run in bf16 took its attention
+    in fp32: a resume keeps both, untimed."""
+    (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": {"fp32_kernels": False}}))
+    monkeypatch.setattr(cpu_kernels, "attention_timings", never_timed)
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
+    assert train_lora.fp32_parts_here(tmp_path, torch.device("cpu"), torch.bfloat16) == {
+        "fp32_attention": True, "fp32_kernels": False}
+
+
+def test_the_probes_time_both_precisions_of_sd14_shapes():
+    """Each probe returns two positive times, fp32 first, and fp32_choices says what it took in one line."""
+    for probe in (cpu_kernels.attention_timings, cpu_kernels.kernel_timings):
+        fp32, bf16 = probe(torch.bfloat16, repeats=1)
+        assert fp32 > 0 and bf16 > 0
+    choices, line = cpu_kernels.fp32_choices(torch.bfloat16)
+    assert set(choices) == {"fp32_attention", "fp32_kernels"}
+    assert "attention fp32" in line and "large convolutions and matmuls fp32" in line
+
+
+def test_use_fp32_choices_installs_what_it_is_told(tiny_model_dir):
+    """Each part goes in only when chosen: attention layers get the fp32 processor, frozen layers the fp32 class."""
+    from attention import Float32AttentionProcessor
+
+    for attention in (False, True):
+        for kernels in (False, True):
+            unet = seeded_lora_unet(tiny_model_dir, torch.bfloat16)
+            cpu_kernels.use_fp32_choices(unet, {"fp32_attention": attention, "fp32_kernels": kernels})
+            processors = {type(p) for p in unet.attn_processors.values()}
+            assert (Float32AttentionProcessor in processors) is attention
+            assert any(type(m) in (Float32Conv2d, Float32Linear) for m in unet.modules()) is kernels

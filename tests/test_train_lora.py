@@ -151,10 +151,12 @@ def test_two_runs_with_the_same_seed_are_identical(reference_run, tiny_model_dir
 
 def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_path, monkeypatch):
     """bf16 mixed precision with text-encoder LoRA: finite loss, fp32 LoRA weights, lora_te_ keys trained; on
-    the CPU every UNet attention layer takes its product in fp32 (attention.py)."""
+    a CPU whose fp32 attention is timed faster, every UNet attention layer takes its product in fp32."""
+    monkeypatch.setattr(cpu_kernels, "attention_timings", lambda dtype: (0.5, 1.0))
+    monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (1.0, 0.5))
     upcast = []
-    monkeypatch.setattr(train_lora, "use_fp32_attention_on_cpu",
-                        lambda *args: upcast.append(attention.use_fp32_attention_on_cpu(*args)))
+    monkeypatch.setattr(cpu_kernels, "use_fp32_attention",
+                        lambda unet: upcast.append(attention.use_fp32_attention(unet)))
     cfg = config(tiny_model_dir, tmp_path / "bf16", "--mixed_precision", "bf16", "--train_text_encoder", "true",
                  "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_prompts")
     tensors = load_file(str(train_lora.main(cfg)))
@@ -166,17 +168,19 @@ def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_pat
 
 def test_bf16_on_a_cpu_with_slow_bf16_kernels_resumes_with_the_runs_kernel_choice(tiny_model_dir, tmp_path,
                                                                                   monkeypatch):
-    """Where the timing finds fp32 kernels faster, the run takes them (cpu_kernels.py; MIN_POSITIONS lowered to
-    reach the tiny UNet) and its checkpoints say so; a resume takes that choice even where the timing now says
-    otherwise, and finishes bitwise as the uninterrupted run. A run that keeps the bf16 kernels ends elsewhere."""
+    """Where the timing finds fp32 attention and kernels faster, the run takes them (cpu_kernels.py; MIN_POSITIONS
+    lowered to reach the tiny UNet) and its checkpoints say so; a resume takes that choice even where the timing
+    now says otherwise, and finishes bitwise as the uninterrupted run. A run that keeps bf16 ends elsewhere."""
     monkeypatch.setattr(cpu_kernels, "MIN_POSITIONS", 0)
+    monkeypatch.setattr(cpu_kernels, "attention_timings", lambda dtype: (0.5, 1.0))
     monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (0.5, 1.0))
     flags = ("--mixed_precision", "bf16", "--max_train_steps", "4", "--validation_prompts")
     uninterrupted = tmp_path / "uninterrupted"
     reference = load_file(str(train_lora.main(config(tiny_model_dir, uninterrupted, *flags))))
     state = json.loads((uninterrupted / "checkpoint-2" / STATE_JSON).read_text())
-    assert state["run_identity"]["fp32_kernels"] is True
+    assert state["run_identity"]["fp32_kernels"] is True and state["run_identity"]["fp32_attention"] is True
 
+    monkeypatch.setattr(cpu_kernels, "attention_timings", lambda dtype: (1.0, 0.5))
     monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (1.0, 0.5))
     resumed_output = tmp_path / "resumed"
     resumed_output.mkdir()
@@ -184,8 +188,8 @@ def test_bf16_on_a_cpu_with_slow_bf16_kernels_resumes_with_the_runs_kernel_choic
     resumed = load_file(str(train_lora.main(config(tiny_model_dir, resumed_output, *flags,
                                                    "--resume_from_checkpoint", "latest"))))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    with_bf16_kernels = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "bf16", *flags))))
-    assert not all(torch.equal(with_bf16_kernels[k], reference[k]) for k in reference)
+    in_bf16 = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "bf16", *flags))))
+    assert not all(torch.equal(in_bf16[k], reference[k]) for k in reference)
 
 
 def replayed(items: list[int], draws) -> list:
