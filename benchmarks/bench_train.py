@@ -13,7 +13,7 @@ each variant (--variants) runs in its own process (so each peak memory is its ow
   frozen  the lower bound: no LoRA, frozen forward and backward to the input latents
   example the diffusers example's step, rebuilt (VAE and text encoder at every step, PEFT LoRA)
   paired  ours, peft, frozen and example taken in turn in one process, ratios per round (paired-speedups: the
-          floor and each speed-up so)
+          floor and each speed-up so; paired-channels-last: the floor, channels_last and the floor again)
   floor   the same step with our LoRALayer and train_lora.py's timed choice of the parts in fp32 on the CPU
           (cpu_kernels.py); floor-fp32-/floor-bf16-attention and -kernels force one choice, floor-channels-last,
           floor-fused-adamw and floor-compile try one change each, side by side with it (the forced variants
@@ -165,6 +165,8 @@ FLOORS = {  # variant: how the UNet is trained in the floor measurement
     "peft": "a PEFT LoRA of the same rank and targets (unet.add_adapter, as the diffusers example), AdamW",
     "frozen": "no LoRA and no weight gradients: frozen forward and backward to the input latents",
     "example": "the diffusers example's step (VAE and text encoder at every step, PEFT LoRA), see ExampleStep",
+    "floor-again": "floor once more, on its own copy of the UNet: in a paired run its ratio to the floor is the "
+                   "run's noise",
     "floor-channels-last": "floor with the UNet and its inputs in channels_last memory format",
     "floor-fused-adamw": "floor with AdamW(fused=True)",
     "floor-compile": "floor with torch.compile(unet); its first (compiling) step reported apart",
@@ -350,6 +352,7 @@ PAIRED = {  # a paired variant: (the step every other is compared with, the othe
     "paired": ("ours", ("peft", "frozen", "example")),
     "paired-speedups": ("floor", ("floor-fp32-attention", "floor-bf16-attention", "floor-fp32-kernels",
                                   "floor-bf16-kernels", "floor-channels-last", "floor-fused-adamw")),
+    "paired-channels-last": ("floor", ("floor-channels-last", "floor-again")),
 }
 
 
