@@ -1,5 +1,5 @@
 """Two CPU processes (torchrun, gloo) train the same LoRA as one process with twice the batch, write each file
-once, end together when one dies, and resume exactly."""
+once, end together when one dies, resume exactly, and compute alike whatever each one's timing says."""
 
 import json
 import os
@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
+from checkpoints import read_state
 from conftest import REPO_ROOT, shaped_dataset
 from settings import ConfigError
 
@@ -38,17 +39,17 @@ def common(tiny_model_dir, output_dir, *extra: str) -> list[str]:
             "--validation_inference_steps", "2", *extra]
 
 
-def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
+def torchrun(args: list[str], script: str = "train_lora.py", **kwargs) -> subprocess.Popen:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "train_lora.py", *args]
+               str(free_port()), script, *args]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
 
 
-def run_on_two_processes(args: list[str]) -> None:
-    """train_lora.py with `args` under torchrun on 2 CPU processes, which must succeed."""
-    process = torchrun(args)
+def run_on_two_processes(args: list[str], script: str = "train_lora.py") -> None:
+    """`script` (train_lora.py) with `args` under torchrun on 2 CPU processes, which must succeed."""
+    process = torchrun(args, script)
     log, _ = process.communicate(timeout=300)
     assert process.returncode == 0, log[-3000:]
 
@@ -119,6 +120,18 @@ def test_resume_on_another_number_of_processes_is_refused(two_process_run, tiny_
                                          "--resume_from_checkpoint", "latest"))
     with pytest.raises(ConfigError, match="num_processes: checkpoint 2, now 1"):
         train_lora.main(cfg)
+
+
+def test_every_process_computes_with_the_main_process_choice_of_fp32_parts(tiny_model_dir, tmp_path):
+    """In bf16 on CPUs whose timings disagree, every process builds its UNet with the main process's fp32 parts,
+    and the checkpoints keep that choice."""
+    run_on_two_processes(common(tiny_model_dir, tmp_path, "--train_batch_size", "1", "--max_train_steps", "2",
+                                "--mixed_precision", "bf16"), script="tests/disagreeing_timing_runner.py")
+    main_choice = {"fp32_attention": False, "fp32_kernels": False}  # the runner's rank 0 times bf16 as faster
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"fp32_parts-rank{rank}.json").read_text()) == main_choice
+    identity = read_state(tmp_path / "checkpoint-2")["run_identity"]
+    assert {key: identity[key] for key in main_choice} == main_choice
 
 
 def test_killing_one_process_ends_the_other_promptly(tiny_model_dir, tmp_path):
