@@ -1,10 +1,13 @@
-"""Can the attention of a bf16 training step run faster on the CPU than PyTorch's flash kernel? Two alternatives,
+"""Can the attention of a bf16 training step run faster on the CPU than PyTorch's flash kernel? Three alternatives,
 timed against it at SD 1.4's largest self-attention (512 px: 4096 tokens, 8 heads of 40), forward and backward:
 
   padded   the head dimension zero-padded to 48 or 64 (the same product; aligned rows may vectorise better)
   blocked  the product written out in PyTorch ops over blocks of queries against all keys: logits and softmax
            in fp32, the two large products in bf16, the probabilities recomputed in the backward pass from the
            saved log-sum-exp, as a flash kernel does, but with whole key rows, so no running maximum is needed
+  flex     torch.compile of FlexAttention, whose generated CPU kernel has a forward only (its backward raises on a
+           CPU), so it is timed forward only, against flash's forward; it would only be worth pairing with flash's
+           backward if its forward were much faster
 
     python benchmarks/bench_attention.py [OUT.json]
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS, HEADS, HEAD_DIM = 4096, 8, 40
@@ -87,6 +91,31 @@ def timed(attention, inputs, grad_out, repeats: int = 3):
     return sorted(times)[repeats // 2], out.detach().float(), [leaf.grad.float() for leaf in leaves]
 
 
+def timed_forward(attention, inputs, repeats: int = 5):
+    """(median seconds of the forward alone, output in fp32); the first call, which may compile, is not timed."""
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + 1):
+            start = time.perf_counter()
+            out = attention(*inputs)
+            if index:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2], out.float()
+
+
+def forward_only(inputs, reference_out) -> dict:
+    """Flash's forward against compiled FlexAttention's, both bf16, with the output's error against fp32 flash."""
+    results = {}
+    print(f"\n| attention, {TOKENS} tokens, forward only, bf16 | ms | relative error: out |\n|---|---|---|")
+    for name, attention in {"flash forward": F.scaled_dot_product_attention,
+                            "flex forward (compiled)": torch.compile(flex_attention)}.items():
+        seconds, out = timed_forward(attention, inputs)
+        error = float((out - reference_out).norm() / reference_out.norm())
+        results[name] = {"ms": seconds * 1000, "relative_errors": [error]}
+        print(f"| {name} | {seconds * 1000:.0f} | {error:.4f} |", flush=True)
+    return results
+
+
 def main() -> None:
     torch.manual_seed(0)
     inputs = [torch.randn(1, HEADS, TOKENS, HEAD_DIM) for _ in range(3)]
@@ -105,6 +134,7 @@ def main() -> None:
         errors = [float((a - b).norm() / b.norm()) for a, b in zip([out, *grads], [reference_out, *reference_grads])]
         results[name] = {"ms": seconds * 1000, "relative_errors": errors}
         print(f"| {name} | {seconds * 1000:.0f} | " + ", ".join(f"{e:.4f}" for e in errors) + " |", flush=True)
+    results.update(forward_only(bf16_inputs, reference_out))
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks" / "results-attention-cpu.json"
     out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), **results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
