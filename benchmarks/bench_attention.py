@@ -11,8 +11,9 @@ timed against it at SD 1.4's largest self-attention (512 px: 4096 tokens, 8 head
 
     python benchmarks/bench_attention.py [OUT.json]
 
-Each entry is the median of 3 timed repeats after one warm-up, and each alternative's relative error in the
-output and the three input gradients against fp32 flash attention is printed beside flash bf16's own.
+Each forward + backward entry is the median of 3 timed repeats after one warm-up, each forward-only one
+bench_kernels.py's median of 5 after 2 warm-ups, and each alternative's relative error in the output (and the
+three input gradients) against fp32 flash attention is printed beside flash bf16's own.
 """
 
 import json
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
+
+from bench_kernels import seconds as median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS, HEADS, HEAD_DIM = 4096, 8, 40
@@ -91,16 +94,8 @@ def timed(attention, inputs, grad_out, repeats: int = 3):
     return sorted(times)[repeats // 2], out.detach().float(), [leaf.grad.float() for leaf in leaves]
 
 
-def timed_forward(attention, inputs, repeats: int = 5):
-    """(median seconds of the forward alone, output in fp32); the first call, which may compile, is not timed."""
-    times = []
-    with torch.no_grad():
-        for index in range(repeats + 1):
-            start = time.perf_counter()
-            out = attention(*inputs)
-            if index:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2], out.float()
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
 
 
 def forward_only(inputs, reference_out) -> dict:
@@ -109,8 +104,9 @@ def forward_only(inputs, reference_out) -> dict:
     print(f"\n| attention, {TOKENS} tokens, forward only, bf16 | ms | relative error: out |\n|---|---|---|")
     for name, attention in {"flash forward": F.scaled_dot_product_attention,
                             "flex forward (compiled)": torch.compile(flex_attention)}.items():
-        seconds, out = timed_forward(attention, inputs)
-        error = float((out - reference_out).norm() / reference_out.norm())
+        with torch.no_grad():
+            seconds = median_seconds(lambda: attention(*inputs), "cpu")  # FlexAttention compiles in a warm-up
+            error = relative_error(attention(*inputs).float(), reference_out)
         results[name] = {"ms": seconds * 1000, "relative_errors": [error]}
         print(f"| {name} | {seconds * 1000:.0f} | {error:.4f} |", flush=True)
     return results
@@ -131,7 +127,7 @@ def main() -> None:
     print(f"| flash fp32 | {reference_seconds * 1000:.0f} | (the reference) |")
     for name, attention in candidates.items():
         seconds, out, grads = timed(attention, bf16_inputs, bf16_grad_out)
-        errors = [float((a - b).norm() / b.norm()) for a, b in zip([out, *grads], [reference_out, *reference_grads])]
+        errors = [relative_error(a, b) for a, b in zip([out, *grads], [reference_out, *reference_grads])]
         results[name] = {"ms": seconds * 1000, "relative_errors": errors}
         print(f"| {name} | {seconds * 1000:.0f} | " + ", ".join(f"{e:.4f}" for e in errors) + " |", flush=True)
     results.update(forward_only(bf16_inputs, reference_out))
