@@ -11,21 +11,19 @@ timed against it at SD 1.4's largest self-attention (512 px: 4096 tokens, 8 head
 
     python benchmarks/bench_attention.py [OUT.json]
 
-Each forward + backward entry is the median of 3 timed repeats after one warm-up, each forward-only one
-bench_kernels.py's median of 5 after 2 warm-ups, and each alternative's relative error in the output (and the
-three input gradients) against fp32 flash attention is printed beside flash bf16's own.
+Each entry is bench_kernels.py's median of 5 timed repeats after 2 warm-ups, and each alternative's relative error
+in the output (and the three input gradients) against fp32 flash attention is printed beside flash bf16's own.
 """
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from bench_kernels import seconds as median_seconds
+from bench_kernels import forward_backward, seconds as median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS, HEADS, HEAD_DIM = 4096, 8, 40
@@ -81,17 +79,14 @@ def padded(width: int):
     return attention
 
 
-def timed(attention, inputs, grad_out, repeats: int = 3):
-    """(median seconds of forward and backward, output, input gradients), all in fp32 for comparing."""
-    times = []
-    for index in range(repeats + 1):
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        start = time.perf_counter()
-        out = attention(*leaves)
-        out.backward(grad_out)
-        if index:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2], out.detach().float(), [leaf.grad.float() for leaf in leaves]
+def timed(attention, inputs, grad_out):
+    """(bench_kernels.py's median seconds of forward and backward, output, input gradients), the last two from one
+    more pass with `grad_out` and in fp32 for comparing."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    seconds = median_seconds(forward_backward(attention, *leaves), "cpu")
+    out = attention(*leaves)
+    out.backward(grad_out)
+    return seconds, out.detach().float(), [leaf.grad.float() for leaf in leaves]
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
