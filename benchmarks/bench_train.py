@@ -2,10 +2,12 @@
 
     python benchmarks/bench_train.py                      # 256 and 512 px, fp32 and bf16 (CPU) / fp16 (GPU)
     python benchmarks/bench_train.py --resolutions 512 --precisions bf16 --steps 3
+    python benchmarks/bench_train.py --resolutions 512 --precisions fp16 --batch_sizes 1 4 8 --variants ours paired
 
 Step time and memory do not depend on weight values, so the published SD 1.4 shapes (UNet 859.5 M, VAE 83.7 M,
 CLIP ViT-L/14 text encoder 123 M) with random weights give the real cost. For each resolution and precision,
-each variant (--variants) runs in its own process (so each peak memory is its own), batch 1, rank 4:
+each variant (--variants) runs in its own process (so each peak memory is its own), rank 4, batch 1 (--batch_sizes
+for more: images/s beside s/step):
   ours    train_lora.py as shipped (latents and text embeddings cached), profiled over its 2nd and 3rd steps
   naive   train_lora.py encoding every image with the VAE and every caption with the text encoder at every step
   peft    the outside floor: the UNet with a PEFT LoRA of the same rank and targets, forward, backward and AdamW
@@ -107,9 +109,10 @@ def peak_memory_mb(sampler: "MemorySampler") -> float:
     return max(rss for _, rss in sampler.samples)
 
 
-def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: str, steps: int) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(ROOT / "examples" / "dataset"),
-            "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "1",
+def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: str, steps: int,
+               dataset: Path = ROOT / "examples" / "dataset", batch: int = 1) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(dataset),
+            "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", str(batch),
             "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--validation_prompts",
             "--mixed_precision", "no" if precision == "fp32" else precision, "--interop_check", "false"]
 
@@ -139,21 +142,33 @@ def profile_table(profiler) -> str:
 PROFILE_ROWS = 12
 
 
-def measure_script(model_dir: Path, resolution: int, precision: str, steps: int, naive: bool) -> dict:
+def batch_dataset(folder: Path, batch: int) -> Path:
+    """`batch` copies of the square example image and its caption: the bundled images differ in shape, so at
+    512 px they fall into different size buckets and would never fill a batch of more than one."""
+    folder.mkdir()
+    for index in range(batch):
+        (folder / f"{index}.jpg").write_bytes((ROOT / "examples" / "dataset" / "astronaut.jpg").read_bytes())
+        (folder / f"{index}.txt").write_text((ROOT / "examples" / "dataset" / "astronaut.txt").read_text())
+    return folder
+
+
+def measure_script(model_dir: Path, resolution: int, precision: str, steps: int, naive: bool, batch: int) -> dict:
     """train_lora.main as users run it; step times from its loss log (wall time between logged steps); the peak
-    while loading (before the first step) and during the steps apart; a profile of steps 2 and 3."""
+    while loading (before the first step) and during the steps apart; a profile of steps 2 and 3. Batch 1 trains on
+    the bundled example images, a larger batch on copies of the square one (batch_dataset)."""
     import train_lora
 
     sampler = MemorySampler()
     profiler, restore = profiled(train_lora, "log_step")
     with tempfile.TemporaryDirectory() as output_dir:
-        args = train_args(model_dir, Path(output_dir), resolution, precision, steps + 1)
+        dataset = ROOT / "examples" / "dataset" if batch == 1 else batch_dataset(Path(output_dir) / "data", batch)
+        args = train_args(model_dir, Path(output_dir) / "run", resolution, precision, steps + 1, dataset, batch)
         if naive:
             args += ["--cache_latents", "false", "--cache_text_embeddings", "false"]
         with profiler:
             train_lora.main(train_lora.parse_config(args))
         restore()
-        rows = [json.loads(line) for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(output_dir) / "run" / "loss_log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
     before_steps = max((rss for t, rss in sampler.samples if t < rows[0]["time"] - times[0]), default=float("nan"))
     return {"step_seconds": times, "peak_mb": peak_memory_mb(sampler), "load_peak_mb": before_steps,
@@ -228,7 +243,7 @@ class FloorStep:
     """One bare training step of a floor variant (see FLOORS) on fixed inputs already encoded: forward, backward,
     AdamW. Calling it returns (seconds for the step, seconds of them in the optimizer)."""
 
-    def __init__(self, variant: str, model_dir: Path, resolution: int, precision: str, device: str):
+    def __init__(self, variant: str, model_dir: Path, resolution: int, precision: str, device: str, batch: int):
         self.variant, self.precision, self.device = variant, precision, device
         self.dtype = PRECISION_DTYPES[precision]
         self.unet, parameters = floor_unet(variant, model_dir, self.dtype, device)
@@ -236,15 +251,18 @@ class FloorStep:
                           if parameters else None)
         side = resolution // 8
         memory_format = torch.channels_last if variant == "floor-channels-last" else torch.contiguous_format
-        self.latents = torch.randn(1, 4, side, side, device=device, dtype=self.dtype).to(memory_format=memory_format)
-        self.states = torch.randn(1, 77, 768, device=device, dtype=self.dtype)
+        self.latents = torch.randn(batch, 4, side, side, device=device, dtype=self.dtype).to(
+            memory_format=memory_format)
+        width = self.unet.config.cross_attention_dim
+        self.states = torch.randn(batch, 77, width, device=device, dtype=self.dtype)
         self.noise = torch.randn_like(self.latents)
+        self.timesteps = torch.full((batch,), 500, device=device)
 
     def __call__(self) -> tuple[float, float]:
         start = time.perf_counter()
         noisy = (self.latents + self.noise).requires_grad_(self.variant == "frozen")
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.precision != "fp32"):
-            prediction = self.unet(noisy, torch.tensor([500], device=self.device), self.states).sample
+            prediction = self.unet(noisy, self.timesteps, self.states).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), self.noise.float())
         loss.backward()
         optimizer_start = time.perf_counter()
@@ -263,7 +281,7 @@ class ExampleStep:
     PEFT LoRA under autocast, MSE, backward, gradient clipping at 1.0, AdamW (weight decay 1e-2) and its schedule.
     Loaded as the example loads: each model in fp32, then cast. Calling it returns (seconds for the step, 0.0)."""
 
-    def __init__(self, model_dir: Path, resolution: int, precision: str, device: str):
+    def __init__(self, model_dir: Path, resolution: int, precision: str, device: str, batch: int):
         from diffusers import DDPMScheduler
         from transformers import CLIPTokenizer
 
@@ -274,9 +292,9 @@ class ExampleStep:
                                 (UNet2DConditionModel, "unet")))
         self.parameters = add_peft_lora(self.unet)
         tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        self.input_ids = tokenizer(["a photo of a dog on the grass"], padding="max_length", truncation=True,
+        self.input_ids = tokenizer(["a photo of a dog on the grass"] * batch, padding="max_length", truncation=True,
                                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-        self.pixel_values = torch.rand(1, 3, resolution, resolution, device=device) * 2 - 1
+        self.pixel_values = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
         self.scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)  # "constant"
@@ -286,7 +304,8 @@ class ExampleStep:
         latents = self.vae.encode(self.pixel_values.to(self.dtype)).latent_dist.sample()
         latents = latents * self.vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (1,), device=self.device).long()
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),),
+                                  device=self.device).long()
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
         states = self.text_encoder(self.input_ids, return_dict=False)[0]
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.precision != "fp32"):
@@ -308,7 +327,7 @@ class ScriptStep:
     (noise and timestep draws, forward, backward, finiteness check, gradient clipping, optimizer step), the
     learning-rate schedule and the log line. Calling it returns (seconds for the step, 0.0)."""
 
-    def __init__(self, model_dir: Path, resolution: int, precision: str, output_dir: Path):
+    def __init__(self, model_dir: Path, resolution: int, precision: str, output_dir: Path, batch: int):
         import train_lora
         from diffusers import DDPMScheduler
 
@@ -316,22 +335,23 @@ class ScriptStep:
         from tqdm import tqdm
 
         self.cfg = train_lora.resolve_machine_settings(
-            train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000)))
+            train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000, batch=batch)))
         self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
         dtype = PRECISION_DTYPES[precision]
         device = self.accelerator.device
         unet, self.network = train_lora.trainable_unet(self.cfg, dtype, device, None,
                                                        timed_fp32_parts(device.type, dtype))
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
+        width = unet.config.cross_attention_dim
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
         scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         self.models = train_lora.StepModels(unet, None, None, scheduler, 0.18215, [unet])
         side, device = resolution // 8, self.accelerator.device
-        self.batch = {"index": torch.tensor([0]), "loss_weight": torch.ones(1),
-                      "latent_mean": torch.randn(1, 4, side, side, device=device, dtype=dtype),
-                      "latent_std": torch.full((1, 4, side, side), 0.01, device=device, dtype=dtype),
-                      "text_embedding": torch.randn(1, 77, 768, device=device, dtype=dtype)}
+        self.batch = {"index": torch.arange(batch), "loss_weight": torch.full((batch,), 1 / batch),  # as Draw weighs
+                      "latent_mean": torch.randn(batch, 4, side, side, device=device, dtype=dtype),
+                      "latent_std": torch.full((batch, 4, side, side), 0.01, device=device, dtype=dtype),
+                      "text_embedding": torch.randn(batch, 77, width, device=device, dtype=dtype)}
         self.step, self.progress = 0, tqdm(total=1000, disable=True)
         unet.train()
 
@@ -341,8 +361,8 @@ class ScriptStep:
                                                          self.models, self.network, self.optimizer)
         self.lr_scheduler.step()
         self.step += 1
-        self.train_lora.log_step(self.progress, self.accelerator, None, self.step, loss, self.lr_scheduler.get_last_lr()[0],
-                                 finite)
+        self.train_lora.log_step(self.progress, self.accelerator, None, self.step, loss,
+                                 self.lr_scheduler.get_last_lr()[0], finite)
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, 0.0
@@ -359,15 +379,16 @@ PAIRED = {  # a paired variant: (the step every other is compared with, the othe
 TRAINING_VARIANTS = ["ours", "naive", *PAIRED, *FLOORS]
 
 
-def make_step(variant: str, model_dir: Path, resolution: int, precision: str, device: str, output_dir: Path):
+def make_step(variant: str, model_dir: Path, resolution: int, precision: str, device: str, output_dir: Path,
+              batch: int):
     if variant == "ours":
-        return ScriptStep(model_dir, resolution, precision, output_dir)
+        return ScriptStep(model_dir, resolution, precision, output_dir, batch)
     if variant == "example":
-        return ExampleStep(model_dir, resolution, precision, device)
-    return FloorStep(variant, model_dir, resolution, precision, device)
+        return ExampleStep(model_dir, resolution, precision, device, batch)
+    return FloorStep(variant, model_dir, resolution, precision, device, batch)
 
 
-def measure_paired(paired: str, model_dir: Path, resolution: int, precision: str, rounds: int) -> dict:
+def measure_paired(paired: str, model_dir: Path, resolution: int, precision: str, rounds: int, batch: int) -> dict:
     """The steps of PAIRED[paired] (paired: ours, peft, frozen and the example; paired-speedups: the floor and
     each speed-up), each on its own copy of the UNet in one process, taken in turn, the order rotated each round:
     a change in the machine's speed hits them all alike, so the ratio of two steps in the same round is the fine
@@ -376,7 +397,7 @@ def measure_paired(paired: str, model_dir: Path, resolution: int, precision: str
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference, others = PAIRED[paired]
     with tempfile.TemporaryDirectory() as output_dir:
-        steps = {name: make_step(name, model_dir, resolution, precision, device, Path(output_dir))
+        steps = {name: make_step(name, model_dir, resolution, precision, device, Path(output_dir), batch)
                  for name in (reference, *others)}
         times = {name: [] for name in steps}
         for index in range(rounds + 1):  # the first round warms up
@@ -392,12 +413,12 @@ def measure_paired(paired: str, model_dir: Path, resolution: int, precision: str
     return {"step_seconds": times, "ratios": ratios}
 
 
-def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str, steps: int) -> dict:
+def measure_floor(variant: str, model_dir: Path, resolution: int, precision: str, steps: int, batch: int) -> dict:
     """What a LoRA trainer cannot avoid per step (see FLOORS): forward, backward, optimizer step on inputs already
     encoded; the optimizer step's own time is reported too."""
     sampler = MemorySampler()  # from the start, so the loading peak is seen
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    step = make_step(variant, model_dir, resolution, precision, device, Path("unused"))
+    step = make_step(variant, model_dir, resolution, precision, device, Path("unused"), batch)
     times, optimizer_times, first_step_done = [], [], 0.0
     profiler, restore = profiled(sys.modules[__name__], "step_done")
     with profiler:
@@ -451,21 +472,22 @@ def run_one(args) -> None:
     """Child process: one measurement, printed as the last line of JSON."""
     model_dir = Path(args.model_dir)
     if args.variant in PAIRED:
-        result = measure_paired(args.variant, model_dir, args.resolution, args.precision, args.steps)
+        result = measure_paired(args.variant, model_dir, args.resolution, args.precision, args.steps, args.batch)
     elif args.variant in FLOORS:
-        result = measure_floor(args.variant, model_dir, args.resolution, args.precision, args.steps)
+        result = measure_floor(args.variant, model_dir, args.resolution, args.precision, args.steps, args.batch)
     elif args.variant == "generation":
         result = measure_generation(model_dir, args.resolution, args.precision, args.generation_steps, args.steps)
     else:
-        result = measure_script(model_dir, args.resolution, args.precision, args.steps, args.variant == "naive")
+        result = measure_script(model_dir, args.resolution, args.precision, args.steps, args.variant == "naive",
+                                args.batch)
     print(json.dumps(result))
 
 
-def child(args, variant: str, resolution: int, precision: str) -> dict:
+def child(args, variant: str, resolution: int, precision: str, batch: int = 1) -> dict:
     command = [sys.executable, __file__, "--one", variant, "--model_dir", args.model_dir, "--steps", str(args.steps),
-               "--resolution_one", str(resolution), "--precision_one", precision,
+               "--resolution_one", str(resolution), "--precision_one", precision, "--batch_one", str(batch),
                "--generation_steps", str(args.generation_steps)]
-    print(f"  {variant:10s} {resolution} px {precision} ...", end=" ", flush=True)
+    print(f"  {variant:10s} {resolution} px {precision} batch {batch} ...", end=" ", flush=True)
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:  # recorded, and the other variants still run
         print(f"failed:\n{result.stderr[-3000:]}", flush=True)
@@ -489,6 +511,7 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"] if device == "cpu" else ["fp32", "fp16"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, after one warm-up step")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1], help="images per training step")
     parser.add_argument("--generation_steps", type=int, default=4, help="sampler steps per generated image")
     parser.add_argument("--generation_resolution", type=int, default=512)
     parser.add_argument("--parts", nargs="+", choices=["training", "generation"], default=["training", "generation"],
@@ -501,9 +524,13 @@ def main() -> None:
     parser.add_argument("--one", choices=[*TRAINING_VARIANTS, "generation"], help=argparse.SUPPRESS)
     parser.add_argument("--resolution_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision_one", help=argparse.SUPPRESS)
+    parser.add_argument("--batch_one", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch_sizes {' '.join(map(str, args.batch_sizes))}: each must be at least 1")
     if args.one:
-        args.variant, args.resolution, args.precision = args.one, args.resolution_one, args.precision_one
+        args.variant, args.resolution, args.precision, args.batch = (args.one, args.resolution_one,
+                                                                     args.precision_one, args.batch_one)
         return run_one(args)
 
     build_sd14(Path(args.model_dir))
@@ -517,10 +544,11 @@ def main() -> None:
         results["generation"] = earlier["generation"]
     for resolution in args.resolutions if "training" in args.parts else []:
         for precision in args.precisions:
-            run = {"resolution": resolution, "precision": precision}
-            for variant in args.variants:
-                run[variant] = child(args, variant, resolution, precision)
-            results["runs"].append(run)
+            for batch in args.batch_sizes:
+                run = {"resolution": resolution, "precision": precision, "batch": batch}
+                for variant in args.variants:
+                    run[variant] = child(args, variant, resolution, precision, batch)
+                results["runs"].append(run)
     if "generation" in args.parts:
         generation_precision = args.precisions[-1]
         results["generation"] = {"resolution": args.generation_resolution, "precision": generation_precision,
@@ -539,33 +567,38 @@ def machine_name(device: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The BENCHMARKS.md tables: per resolution and precision, each variant's median seconds per optimizer step and
-    memory in MiB, and ours against the PEFT and frozen floors."""
-    memory = "RSS" if results["device"] == "cpu" else "allocated"
-    lines = [f"| px | precision | variant | s/step (median) | steps | peak {memory} | before steps | during steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The BENCHMARKS.md tables: per resolution, precision and batch size, each variant's median seconds per
+    optimizer step, images per second and memory in MiB, and ours against the PEFT and frozen floors. On a GPU the
+    peak is CUDA's max_memory_allocated and the loading and step columns are the host's RSS."""
+    memory = ("peak RSS | before steps | during steps" if results["device"] == "cpu" else
+              "peak allocated | host RSS before steps | host RSS during steps")
+    lines = [f"| px | precision | batch | variant | s/step (median) | images/s | steps | {memory} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     ratios, paired = [], []
     for run in results["runs"]:
-        medians = {}
+        medians, batch = {}, run.get("batch", 1)  # files from before --batch_sizes hold batch-1 runs only
+        setting = f"{run['resolution']} px {run['precision']}" + (f" batch {batch}" if batch > 1 else "")
         for variant, measured in run.items():
-            if variant in ("resolution", "precision"):
+            if variant in ("resolution", "precision", "batch"):
                 continue
             if "failed" in measured:
-                lines.append(f"| {run['resolution']} | {run['precision']} | {variant} | failed | | | | |")
+                lines.append(f"| {run['resolution']} | {run['precision']} | {batch} | {variant} | failed | | | | | |")
                 continue
             if variant in PAIRED:
-                paired.append(f"{run['resolution']} px {run['precision']}, in turn in one process: " + ", ".join(
-                    f"{name} {statistics.median(t):.2f} s/step" for name, t in measured["step_seconds"].items())
+                paired.append(f"{setting}, in turn in one process: " + ", ".join(
+                    f"{name} {statistics.median(t):.2f} s/step ({batch / statistics.median(t):.2f} images/s)"
+                    for name, t in measured["step_seconds"].items())
                     + "; per-round " + ", ".join(f"{name} median {statistics.median(r):.3f} (range {min(r):.3f}-"
                                                  f"{max(r):.3f})" for name, r in measured["ratios"].items()))
                 continue
             medians[variant] = statistics.median(measured["step_seconds"])
             steps = " / ".join(f"{t:.2f}" for t in measured["step_seconds"])
-            lines.append(f"| {run['resolution']} | {run['precision']} | {variant} | {medians[variant]:.2f} | {steps} | "
+            lines.append(f"| {run['resolution']} | {run['precision']} | {batch} | {variant} | {medians[variant]:.2f} | "
+                         f"{batch / medians[variant]:.2f} | {steps} | "
                          f"{measured['peak_mb']:.0f} | {measured.get('load_peak_mb', float('nan')):.0f} | "
                          f"{measured.get('train_peak_mb', float('nan')):.0f} |")
-        if "ours" in medians:
-            ratios.append(f"{run['resolution']} px {run['precision']}: " + ", ".join(
+        if "ours" in medians and len(medians) > 1:
+            ratios.append(f"{setting}: " + ", ".join(
                 f"ours / {floor} {medians['ours'] / medians[floor]:.3f}" for floor in medians if floor != "ours"))
     lines += ["", *ratios, *paired]
     gen = results.get("generation")
