@@ -45,6 +45,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from tiny_model import SD_SCHEDULE, build_tokenizer  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXAMPLE_DATASET = ROOT / "examples" / "dataset"
 
 
 def build_sd14(folder: Path) -> Path:
@@ -110,7 +111,7 @@ def peak_memory_mb(sampler: "MemorySampler") -> float:
 
 
 def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: str, steps: int,
-               dataset: Path = ROOT / "examples" / "dataset", batch: int = 1) -> list[str]:
+               dataset: Path = EXAMPLE_DATASET, batch: int = 1) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(dataset),
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", str(batch),
             "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--validation_prompts",
@@ -147,8 +148,8 @@ def batch_dataset(folder: Path, batch: int) -> Path:
     512 px they fall into different size buckets and would never fill a batch of more than one."""
     folder.mkdir()
     for index in range(batch):
-        (folder / f"{index}.jpg").write_bytes((ROOT / "examples" / "dataset" / "astronaut.jpg").read_bytes())
-        (folder / f"{index}.txt").write_text((ROOT / "examples" / "dataset" / "astronaut.txt").read_text())
+        (folder / f"{index}.jpg").write_bytes((EXAMPLE_DATASET / "astronaut.jpg").read_bytes())
+        (folder / f"{index}.txt").write_text((EXAMPLE_DATASET / "astronaut.txt").read_text())
     return folder
 
 
@@ -161,14 +162,15 @@ def measure_script(model_dir: Path, resolution: int, precision: str, steps: int,
     sampler = MemorySampler()
     profiler, restore = profiled(train_lora, "log_step")
     with tempfile.TemporaryDirectory() as output_dir:
-        dataset = ROOT / "examples" / "dataset" if batch == 1 else batch_dataset(Path(output_dir) / "data", batch)
-        args = train_args(model_dir, Path(output_dir) / "run", resolution, precision, steps + 1, dataset, batch)
+        dataset = EXAMPLE_DATASET if batch == 1 else batch_dataset(Path(output_dir) / "data", batch)
+        run_dir = Path(output_dir) / "run"
+        args = train_args(model_dir, run_dir, resolution, precision, steps + 1, dataset, batch)
         if naive:
             args += ["--cache_latents", "false", "--cache_text_embeddings", "false"]
         with profiler:
             train_lora.main(train_lora.parse_config(args))
         restore()
-        rows = [json.loads(line) for line in (Path(output_dir) / "run" / "loss_log.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (run_dir / "loss_log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
     before_steps = max((rss for t, rss in sampler.samples if t < rows[0]["time"] - times[0]), default=float("nan"))
     return {"step_seconds": times, "peak_mb": peak_memory_mb(sampler), "load_peak_mb": before_steps,
@@ -347,7 +349,7 @@ class ScriptStep:
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
         scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         self.models = train_lora.StepModels(unet, None, None, scheduler, 0.18215, [unet])
-        side, device = resolution // 8, self.accelerator.device
+        side = resolution // 8
         self.batch = {"index": torch.arange(batch), "loss_weight": torch.full((batch,), 1 / batch),  # as Draw weighs
                       "latent_mean": torch.randn(batch, 4, side, side, device=device, dtype=dtype),
                       "latent_std": torch.full((batch, 4, side, side), 0.01, device=device, dtype=dtype),
@@ -581,8 +583,9 @@ def markdown(results: dict) -> str:
         for variant, measured in run.items():
             if variant in ("resolution", "precision", "batch"):
                 continue
+            row = f"| {run['resolution']} | {run['precision']} | {batch} | {variant} |"
             if "failed" in measured:
-                lines.append(f"| {run['resolution']} | {run['precision']} | {batch} | {variant} | failed | | | | | |")
+                lines.append(f"{row} failed | | | | | |")
                 continue
             if variant in PAIRED:
                 paired.append(f"{setting}, in turn in one process: " + ", ".join(
@@ -593,8 +596,7 @@ def markdown(results: dict) -> str:
                 continue
             medians[variant] = statistics.median(measured["step_seconds"])
             steps = " / ".join(f"{t:.2f}" for t in measured["step_seconds"])
-            lines.append(f"| {run['resolution']} | {run['precision']} | {batch} | {variant} | {medians[variant]:.2f} | "
-                         f"{batch / medians[variant]:.2f} | {steps} | "
+            lines.append(f"{row} {medians[variant]:.2f} | {batch / medians[variant]:.2f} | {steps} | "
                          f"{measured['peak_mb']:.0f} | {measured.get('load_peak_mb', float('nan')):.0f} | "
                          f"{measured.get('train_peak_mb', float('nan')):.0f} |")
         if "ours" in medians and len(medians) > 1:
