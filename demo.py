@@ -22,10 +22,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import generate
-import tiny_world
+from sdlora import tiny_world
 import train_lora
-from report import LEARNING_GRID_NAME, LEARNING_NAME, write_report
-from settings import ConfigError
+from sdlora.report import LEARNING_GRID_NAME, LEARNING_NAME, write_report
+from sdlora.settings import ConfigError
 
 DEMO_DIR = Path("demo_output")
 MODEL_DIR = Path("models/tiny-sd-world")

@@ -6,6 +6,7 @@ over checkpoints x LoRA scales that writes both into one table.
     python evaluate.py sweep --checkpoints out/dog/checkpoint-500 out/dog/checkpoint-1000 --scales 0 0.5 1 \
         --reference my_dog --output_dir out/dog/evaluation --clip_model openai/clip-vit-large-patch14 \
         --pretrained_model_name_or_path sd14 --prompts_file prompts.txt --num_images 8
+    python evaluate.py report out/dog       # (re)write a training run's report.html
 
 A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except the
 `*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
@@ -34,9 +35,10 @@ from PIL import Image
 from torch import nn
 
 import generate
-from lora_file import LORA_FILE_NAME, LoRAError
-from sampling import prompt_texts
-from settings import ConfigError, check_model_source
+from sdlora.lora_file import LORA_FILE_NAME, LoRAError
+from sdlora.report import ReportError, write_report
+from sdlora.sampling import prompt_texts
+from sdlora.settings import ConfigError, check_model_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FEATURE_BATCH_SIZE = 32  # images per forward pass of a feature extractor or of CLIP
@@ -370,7 +372,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,clip-score,sweep}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,clip-score,sweep,report}")
     fid_command = commands.add_parser("fid", help="FID of a folder of generated images against a reference folder")
     fid_command.add_argument("generated", help="folder of generated images")
     fid_command.add_argument("reference", help="folder of reference (real) images")
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_command.add_argument("--reference", required=True, help="folder of reference (real) images for FID")
     sweep_command.add_argument("--output_dir", required=True, help="metrics.csv, metrics.md and the images go here")
     sweep_command.add_argument("--clip_model", default="", help="hub id or folder of a CLIPModel; empty: no CLIP score")
+    report_command = commands.add_parser("report", help="write (or rewrite) a training run's report.html")
+    report_command.add_argument("run", help="the output_dir of a training run")
     return parser
 
 
@@ -403,6 +407,8 @@ def run_command(argv: list[str] | None = None) -> None:
         prompts = prompt_texts(args.prompts_file, "--prompts_file")
         value = clip_score_of_paths(list_images(args.folder), prompts, ClipScorer.from_pretrained(args.clip_model))
         print(f"CLIP score {value:.4f}  ({args.folder})")
+    elif args.command == "report":
+        print(f"report: {write_report(args.run)}")
     else:
         scorer = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else None
         csv_path = sweep(args.checkpoints, args.scales, args.reference, args.output_dir, extra,
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run one command; a user mistake exits with one `error: ...` line (the option and the fix), no traceback."""
     try:
         run_command(argv)
-    except (EvaluationError, ConfigError, LoRAError) as error:
+    except (EvaluationError, ConfigError, LoRAError, ReportError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -38,9 +38,9 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
-from sampling import make_grid, prompt_texts  # noqa: E402
-from settings import (  # noqa: E402
+from sdlora.lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
+from sdlora.sampling import make_grid, prompt_texts  # noqa: E402
+from sdlora.settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
 )
 

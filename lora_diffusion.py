@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_file import (
+from sdlora.lora_file import (
     FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
     our_path, parse_lora_tensors, read_lora_file, write_lora_file,
 )

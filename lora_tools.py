@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_file import (
+from sdlora.lora_file import (
     FORMAT_VERSION, LAYOUTS, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
     module_order, parse_path_number, rank_alpha_metadata, read_lora_file, read_lora_modules, write_lora_file,
 )

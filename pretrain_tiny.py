@@ -30,11 +30,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusi
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import tiny_world
-from ema import Ema
-from file_utils import atomic_write
-from sampling import make_grid
-from tiny_model import SD_SCHEDULE, clip_byte_vocab
+from sdlora import tiny_world
+from sdlora.ema import Ema
+from sdlora.file_utils import atomic_write
+from sdlora.sampling import make_grid
+from sdlora.tiny_model import SD_SCHEDULE, clip_byte_vocab
 
 MODEL_DIR = Path("models/tiny-sd-world")
 WORK_DIR = Path("pretrain_work")  # resumable state; not part of the model (pretrain_work/probe for --probe)

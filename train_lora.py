@@ -116,24 +116,24 @@ from diffusers import (  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_distribution  # noqa: E402
-from checkpoints import (  # noqa: E402
+from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_distribution  # noqa: E402
+from sdlora.checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, read_state, resolve_resume, run_identity, save_checkpoint,
 )
-from cpu_kernels import fp32_choices, use_fp32_choices  # noqa: E402
-from class_images import generate_missing  # noqa: E402
+from sdlora.cpu_kernels import fp32_choices, use_fp32_choices  # noqa: E402
+from sdlora.class_images import generate_missing  # noqa: E402
 from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
                      caption_token_counts)
-from report import write_report  # noqa: E402
-from sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
-from interop import check_interop, write_interop_report  # noqa: E402
+from sdlora.report import write_report  # noqa: E402
+from sdlora.sampling import SamplePrompt, read_prompts_file, sample_images  # noqa: E402
+from sdlora.interop import check_interop, write_interop_report  # noqa: E402
 from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora, matching_paths  # noqa: E402
-from lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
-from ema import Ema  # noqa: E402
-from file_utils import read_safetensors_as  # noqa: E402
-from optimizers import build_optimizer, optimizer_problem  # noqa: E402
-from settings import (  # noqa: E402
+from sdlora.lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
+from sdlora.ema import Ema  # noqa: E402
+from sdlora.file_utils import read_safetensors_as  # noqa: E402
+from sdlora.optimizers import build_optimizer, optimizer_problem  # noqa: E402
+from sdlora.settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
 )
 
@@ -747,7 +747,7 @@ def write_run_report(output_dir: Path) -> Path | str:
     try:
         return write_report(output_dir)
     except Exception as error:  # noqa: BLE001
-        log.error(f"the HTML report could not be written ({error}); run `python report.py {output_dir}` to retry")
+        log.error(f"the HTML report could not be written ({error}); run `python evaluate.py report {output_dir}` to retry")
         return "not written (see the error above)"
 
 

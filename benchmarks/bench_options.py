@@ -39,9 +39,9 @@ OPTIONS = {  # name: flags after the common ones
 
 def run_one(flags: list[str]) -> dict:
     """Child process: train, then report step times, peak RSS and the checkpoint's optimizer state."""
-    import tiny_world
+    from sdlora import tiny_world
     import train_lora
-    from checkpoints import STATE_TENSORS
+    from sdlora.checkpoints import STATE_TENSORS
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory() as work:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from tiny_model import SD_SCHEDULE, build_tokenizer  # noqa: E402
+from sdlora.tiny_model import SD_SCHEDULE, build_tokenizer  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXAMPLE_DATASET = ROOT / "examples" / "dataset"
@@ -225,7 +225,7 @@ def floor_unet(variant: str, model_dir: Path, dtype: torch.dtype, device: str):
         return unet, []
     if variant == "peft":
         return unet, add_peft_lora(unet)
-    from cpu_kernels import use_fp32_choices
+    from sdlora.cpu_kernels import use_fp32_choices
     from lora_diffusion import inject_trainable_lora
 
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-import tiny_world  # noqa: E402
+from sdlora import tiny_world  # noqa: E402
 import train_lora  # noqa: E402
 from demo import RECIPE  # noqa: E402
 

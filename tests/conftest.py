@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from tiny_model import build_tiny_sd  # noqa: E402
+from sdlora.tiny_model import build_tiny_sd  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

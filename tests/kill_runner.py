@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import checkpoints  # noqa: E402
-import lora_file  # noqa: E402
+from sdlora import checkpoints  # noqa: E402
+from sdlora import lora_file  # noqa: E402
 import train_lora  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 import torch
 from diffusers.models.attention_processor import Attention
 
-from attention import Float32AttentionProcessor, use_fp32_attention
+from sdlora.attention import Float32AttentionProcessor, use_fp32_attention
 from lora_diffusion import inject_trainable_lora
 
 

@@ -6,7 +6,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-import caching
+from sdlora import caching
 import train_lora
 from conftest import REPO_ROOT
 from dataset import CustomDataset

@@ -6,10 +6,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-import cpu_kernels
+from sdlora import cpu_kernels
 import train_lora
-from checkpoints import STATE_JSON
-from cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
+from sdlora.checkpoints import STATE_JSON
+from sdlora.cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
 from test_attention import output_and_lora_grads, relative_error, seeded_lora_unet
 
 
@@ -146,7 +146,7 @@ def test_the_probes_time_both_precisions_of_sd14_shapes():
 
 def test_use_fp32_choices_installs_what_it_is_told(tiny_model_dir):
     """Each part goes in only when chosen: attention layers get the fp32 processor, frozen layers the fp32 class."""
-    from attention import Float32AttentionProcessor
+    from sdlora.attention import Float32AttentionProcessor
 
     for attention in (False, True):
         for kernels in (False, True):

@@ -14,7 +14,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 import evaluate
 from lora_diffusion import inject_trainable_lora
-from tiny_model import build_tokenizer
+from sdlora.tiny_model import build_tokenizer
 
 
 def thumbnail_features(images: list[Image.Image]) -> torch.Tensor:

@@ -9,8 +9,8 @@ from PIL import Image
 
 import generate
 from lora_diffusion import inject_trainable_lora
-from lora_file import LoRAError
-from settings import ConfigError
+from sdlora.lora_file import LoRAError
+from sdlora.settings import ConfigError
 
 
 def random_lora(tiny_model_dir, path: Path, seed: int, with_text_encoder: bool) -> Path:

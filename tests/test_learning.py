@@ -5,7 +5,7 @@ import pytest
 
 import demo
 import generate
-import tiny_world
+from sdlora import tiny_world
 import train_lora
 from conftest import REPO_ROOT
 

@@ -10,11 +10,11 @@ from torch import nn
 
 import train_lora
 from conftest import REPO_ROOT
-from interop import _a1111_name, check_interop
+from sdlora.interop import _a1111_name, check_interop
 from lora_diffusion import CONV_TARGETS, LoRALayer, inject_trainable_lora
-from lora_file import fuse_lora_file
+from sdlora.lora_file import fuse_lora_file
 from lora_tools import inspect_lora_file, resize_lora_file
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 
 def resnet_and_sampler_convs(unet: nn.Module) -> list[str]:
@@ -108,7 +108,7 @@ def test_training_with_conv_rank_writes_a_locon_file_that_generate_fuses(tiny_mo
     assert resized["lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight"].shape == (2, 64, 3, 3)
     assert resized["lora_unet_up_blocks_0_upsamplers_0_conv.lora_up.weight"].shape == (64, 2, 1, 1)
     assert 0 < energy_kept < 1
-    from tiny_model import build_unet
+    from sdlora.tiny_model import build_unet
 
     unet = build_unet()
     before = {name: p.clone() for name, p in unet.named_parameters()}

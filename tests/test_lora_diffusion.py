@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lora_diffusion import LoRALayer, inject_trainable_lora
-from lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
+from sdlora.lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -138,7 +138,7 @@ def test_injection_refuses_no_match_and_double_injection(unet):
 
 def test_text_encoder_names_follow_the_kohya_template(text_encoder):
     """Text-encoder keys are lora_te_text_model_encoder_layers_N_self_attn_X, whatever transformers calls them."""
-    from tiny_model import build_unet
+    from sdlora.tiny_model import build_unet
 
     network = inject_trainable_lora(build_unet(), text_encoder=text_encoder)
     te_names = sorted(kohya_name(*key) for key in network.layers if key[0] == "text_encoder")

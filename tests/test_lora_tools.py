@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import REPO_ROOT
-from interop import check_interop, write_interop_report
+from sdlora.interop import check_interop, write_interop_report
 from lora_diffusion import UNET_TARGETS, inject_trainable_lora
-from lora_file import (
+from sdlora.lora_file import (
     LoRAError, LoRAModule, kohya_name, lora_deltas, lora_module_path, read_lora_file, read_lora_modules,
     text_encoder_lora_name, unet_lora_name, write_lora_file,
 )
@@ -270,7 +270,7 @@ def test_interop_check_lists_a_key_with_a_typo(sd1_layout_unet, tmp_path):
 def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(tmp_path):
     """A1111's fixed SD 1.x numbering (3 blocks per level) lands the up-block keys of a UNet with one layer per
     block on the wrong modules, while ComfyUI (config-driven) and diffusers match them all."""
-    from tiny_model import build_unet
+    from sdlora.tiny_model import build_unet
 
     unet = build_unet(layers_per_block=1).eval()
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)

@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
-from checkpoints import read_state
+from sdlora.checkpoints import read_state
 from conftest import REPO_ROOT, shaped_dataset
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 TOLERANCE = 1e-5  # gradients are all-reduced in another summation order than one process sums them
 

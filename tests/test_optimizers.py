@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import optimizers
+from sdlora import optimizers
 import train_lora
-from checkpoints import join_optimizer_state, split_optimizer_state
+from sdlora.checkpoints import join_optimizer_state, split_optimizer_state
 from conftest import REPO_ROOT
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 # The learning rate each optimizer is used with (README: "Optimizers").
 LEARNING_RATES = {"adamw": "1e-3", "adamw8bit": "1e-3", "prodigy": "1.0", "adafactor": "1e-3", "lion": "1e-4"}

@@ -8,10 +8,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
-from class_images import images_in
+from sdlora.class_images import images_in
 from conftest import shaped_dataset
 from dataset import BucketBatchSampler
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 
 def config(tiny_model_dir, tmp_path, *extra: str):

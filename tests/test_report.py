@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import report
+from sdlora import report
 
 CHROMIUM = Path("/usr/bin/chromium")
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -165,12 +165,12 @@ def test_a_run_folder_with_missing_pieces_gets_notes_and_no_broken_links(tmp_pat
 
 
 def test_cli_writes_the_report_and_refuses_a_missing_folder_in_one_line(fake_run, tmp_path):
-    """`python report.py RUN` writes RUN/report.html; a missing folder exits 1 with one `error:` line."""
-    done = subprocess.run([sys.executable, "report.py", str(fake_run)], capture_output=True, text=True,
-                          cwd=Path(report.__file__).parent, timeout=60)
+    """`python evaluate.py report RUN` writes RUN/report.html; a missing folder exits 1 with one `error:` line."""
+    done = subprocess.run([sys.executable, "evaluate.py", "report", str(fake_run)], capture_output=True, text=True,
+                          cwd=Path(report.__file__).parents[1], timeout=60)
     assert done.returncode == 0 and (fake_run / report.REPORT_NAME).is_file(), done.stderr
-    failed = subprocess.run([sys.executable, "report.py", str(tmp_path / "nope")], capture_output=True, text=True,
-                            cwd=Path(report.__file__).parent, timeout=60)
+    failed = subprocess.run([sys.executable, "evaluate.py", "report", str(tmp_path / "nope")], capture_output=True, text=True,
+                            cwd=Path(report.__file__).parents[1], timeout=60)
     assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope'} is not a folder; pass the output_dir of a training run"]
 

@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import checkpoints
+from sdlora import checkpoints
 import lora_diffusion
 import train_lora
 from conftest import REPO_ROOT
 from kill_runner import plant_save_fault
-from lora_file import LORA_FILE_NAME, LoRAError
-from settings import ConfigError
+from sdlora.lora_file import LORA_FILE_NAME, LoRAError
+from sdlora.settings import ConfigError
 
 KILL_PLAN = [  # 20 kills at set points of a 20-step run (checkpoints every 2 steps, 9 inside a save), then 2 timed
     ["step", 1, ""],  # before the first checkpoint: the next attempt starts afresh

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sampling
+from sdlora import sampling
 import train_lora
 from conftest import REPO_ROOT
-from sampling import PromptFileError, SamplePrompt, parse_prompt_line, read_prompts_file
+from sdlora.sampling import PromptFileError, SamplePrompt, parse_prompt_line, read_prompts_file
 
 DEFAULTS = SamplePrompt("", seed=10, steps=25, guidance_scale=7.5, width=512, height=512)
 
@@ -107,7 +107,7 @@ def test_validation_loss_sees_the_text_encoder_lora(tiny_model_dir, tmp_path):
 
     from diffusers import UNet2DConditionModel
 
-    from lora_file import fuse_lora_file
+    from sdlora.lora_file import fuse_lora_file
 
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),

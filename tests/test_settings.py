@@ -3,7 +3,7 @@
 import pytest
 
 import generate
-import settings
+from sdlora import settings
 import train_lora
 
 

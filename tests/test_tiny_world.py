@@ -11,10 +11,10 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
 import pretrain_tiny
-import tiny_world
+from sdlora import tiny_world
 import train_lora
 from conftest import REPO_ROOT
-from settings import ConfigError, check_model_source
+from sdlora.settings import ConfigError, check_model_source
 
 SHIPPED_MODEL = REPO_ROOT / "models" / "tiny-sd-world"
 

@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import attention
-import cpu_kernels
+from sdlora import attention
+from sdlora import cpu_kernels
 import train_lora
-from checkpoints import STATE_JSON
+from sdlora.checkpoints import STATE_JSON
 from conftest import REPO_ROOT
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 
 def config(tiny_model_dir, output_dir, *extra: str):

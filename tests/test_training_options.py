@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import train_lora
 from conftest import REPO_ROOT, shaped_dataset
 from dataset import BucketBatchSampler, CustomDataset, bucket_size
-from ema import Ema
+from sdlora.ema import Ema
 
 
 def run(tiny_model_dir, output_dir, dataset_path, *extra):

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from file_utils import atomic_write
+from sdlora.file_utils import atomic_write
 from lora_diffusion import LoRALayer
-from lora_file import (
+from sdlora.lora_file import (
     MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, kohya_name, our_path, parse_lora_tensors,
     read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
 )

@@ -5,7 +5,7 @@ CLIP text encoder, CLIP BPE tokenizer, scaled-linear DDPM/PNDM schedule) but eve
 whole model builds and runs in seconds on a CPU. It is what the demo and the tests train on: the real
 loading code (`from_pretrained` of a folder) is exercised without any download.
 
-    python tiny_model.py OUT_DIR     # writes model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+    python -m sdlora.tiny_model OUT_DIR     # writes model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
 """
 
 import sys
@@ -92,5 +92,5 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, resolution: int = 64) -> P
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tiny_model.py OUT_DIR")
+        sys.exit("usage: python -m sdlora.tiny_model OUT_DIR")
     print(f"tiny SD 1.x model written to {build_tiny_sd(sys.argv[1])}")

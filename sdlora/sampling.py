@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from settings import ConfigError
+from sdlora.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Write report.html into a training run's output folder: loss plot, sample grids, evaluation metrics, dataset
 summary and configuration, in one page that opens from disk (no server, no network, nothing external).
 
-    python report.py out/dog        # writes out/dog/report.html and out/dog/loss.png
+    python evaluate.py report out/dog   # writes out/dog/report.html and out/dog/loss.png
 
 It reads what train_lora.py leaves in output_dir (config.json, data_report.json, loss_log.jsonl,
 samples/step<NNNNNN>-grid.png) plus two optional files: val_loss_log.jsonl (one {"step", "val_loss"} row per
@@ -16,7 +16,6 @@ import html
 import json
 import math
 import re
-import sys
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -356,17 +355,9 @@ def write_report(output_dir: str | Path) -> Path:
                 dataset_section(output_dir), config_section(config)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>LoRA run {esc(output_dir.name)}'
             f"</title><style>{STYLE}</style></head><body><h1>LoRA run: {esc(output_dir.resolve())}</h1>"
-            f'{note(f"Report written {written} by report.py.")}'
+            f'{note(f"Report written {written} by evaluate.py report.")}'
             + "".join(f"<section>{section}</section>" for section in sections if section) + "</body></html>\n")
     path = output_dir / REPORT_NAME
     path.write_text(page, encoding="utf-8")
     return path
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python report.py OUTPUT_DIR   (the output_dir of a training run)")
-    try:
-        print(f"report: {write_report(sys.argv[1])}")
-    except ReportError as error:
-        sys.exit(f"error: {error}")

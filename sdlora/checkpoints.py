@@ -16,10 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from file_utils import atomic_write, sha256_file
+from sdlora.file_utils import atomic_write, sha256_file
 from lora_diffusion import LoRANetwork
-from lora_file import LORA_FILE_NAME
-from settings import ConfigError
+from sdlora.lora_file import LORA_FILE_NAME
+from sdlora.settings import ConfigError
 
 MANIFEST = "manifest.json"
 STATE_TENSORS = "training_state.safetensors"

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import use_fp32_attention
+from sdlora.attention import use_fp32_attention
 
 MIN_POSITIONS = 1024  # below this, the fp32 kernel's gain does not pay for reading the weight as fp32
 FASTER_BY = 0.9  # fp32 is taken only when it needs at most this share of the low-precision kernels' time

@@ -1,0 +1,7 @@
+"""What the scripts at the top of the repository import; nothing here is run by itself.
+
+One module a job: `settings` (config parsing and checks), `caching` (latent and text caches), `checkpoints`
+(resumable state), `lora_file` (the LoRA file format), `interop` (loading the file as other clients do),
+`sampling` (sample images), `report` (the run's HTML report), `tiny_world` and `tiny_model` (the shipped toy
+world and tiny test models), and the CPU speed helpers `attention` and `cpu_kernels`.
+"""
