@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from sdlora.file_utils import atomic_write, sha256_file
+from sdlora.files import atomic_write, sha256_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}

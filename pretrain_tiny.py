@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora import tiny_world
 from sdlora.ema import Ema
-from sdlora.file_utils import atomic_write
+from sdlora.files import atomic_write
 from sdlora.sampling import make_grid
 from sdlora.tiny_model import SD_SCHEDULE, clip_byte_vocab
 

@@ -131,7 +131,7 @@ from sdlora.interop import check_interop, write_interop_report  # noqa: E402
 from lora_diffusion import CONV_TARGETS, UNET_TARGETS, inject_trainable_lora, matching_paths  # noqa: E402
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError  # noqa: E402
 from sdlora.ema import Ema  # noqa: E402
-from sdlora.file_utils import read_safetensors_as  # noqa: E402
+from sdlora.files import read_safetensors_as  # noqa: E402
 from sdlora.optimizers import build_optimizer, optimizer_problem  # noqa: E402
 from sdlora.settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,

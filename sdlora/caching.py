@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import Dataset
 
 from dataset import CustomDataset
-from sdlora.file_utils import atomic_write
+from sdlora.files import atomic_write
 
 CACHE_VERSION = "1"
 

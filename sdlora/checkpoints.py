@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from sdlora.file_utils import atomic_write, sha256_file
+from sdlora.files import atomic_write, sha256_file
 from lora_diffusion import LoRANetwork
 from sdlora.lora_file import LORA_FILE_NAME
 from sdlora.settings import ConfigError

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from dataset import IMAGE_EXTENSIONS, data_files
-from sdlora.file_utils import atomic_write
+from sdlora.files import atomic_write
 
 GENERATION_BATCH = 4  # images per pipeline call
 

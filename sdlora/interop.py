@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlora.file_utils import atomic_write
+from sdlora.files import atomic_write
 from lora_diffusion import LoRALayer
 from sdlora.lora_file import (
     MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, kohya_name, our_path, parse_lora_tensors,

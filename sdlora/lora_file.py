@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from sdlora.file_utils import atomic_write
+from sdlora.files import atomic_write
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
 FORMAT_VERSION = "1"
