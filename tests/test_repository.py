@@ -89,7 +89,7 @@ def test_no_tracked_file_names_a_machine_path():
 @pytest.mark.parametrize("planted", [
     "/" + "home/alice/sd/out", "/" + "Users/bob/loras/dog.safetensors", "/" + "root/models", "/" + "work/wt-C/x",
     "/" + "mnt/data/sd14", "/" + "tmp/pytest-of-root/pytest-3/run0", "/" + "private/var/folders/x",
-    "C:" + "\\Users\\carol\\dog.safetensors", "C:" + "\\\\Users\\\\carol", "D:" + "/Users/dan",
+    "C:" + "\\Users\\carol\\dog.safetensors", "C:" + "\\\\Users\\\\carol", "D:/" + "Users/dan",
     "/opt/conda/lib/python3.12/site" + "-packages/torch/nn.py", "/usr/lib/python3/dist" + "-packages/diffusers",
 ])
 def test_the_scanner_finds_a_planted_path(planted):
