@@ -18,7 +18,9 @@ import argparse
 import io
 import json
 import math
+import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,13 @@ EXTRA_WORDS = ("a", "of", "on", "with", "photo", "picture", "background", "shape
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model's parts
+
+def build_command() -> str:
+    """The command that built the model, with absolute paths made relative to where it ran, so the record
+    names no folder of one machine."""
+    words = [os.path.relpath(word) if os.path.isabs(word) else word for word in sys.argv]
+    return "python " + shlex.join(words)
+
 
 def world_words() -> list[str]:
     return sorted(set(tiny_world.SHAPES + tiny_world.HELD_OUT_SHAPES + tuple(tiny_world.ALL_COLOURS)
@@ -340,7 +349,7 @@ def main() -> None:
     showcase = [p for p in EVAL_PROMPTS if "large" in p][::3][:24]
     make_grid(tiny_world.sample(pipe, showcase, seed=99), columns=6).save(output_dir / "samples.png")
     record = {
-        "command": "python " + " ".join(sys.argv), "seed": SEED, "torch_threads": torch.get_num_threads(),
+        "command": build_command(), "seed": SEED, "torch_threads": torch.get_num_threads(),
         "vae": {"steps": VAE_STEPS // scale, "batch": VAE_BATCH, "lr": VAE_LR, "seconds": round(vae_seconds)},
         "world_encoding": {"images": WORLD_IMAGES // scale, "seconds": round(encode_seconds)},
         "unet_and_text_encoder": {"steps": UNET_STEPS // scale, "batch": UNET_BATCH, "lr": UNET_LR,
