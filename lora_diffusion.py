@@ -4,8 +4,9 @@ A LoRA layer adds a low-rank update to a frozen projection (Hu et al. 2021, http
 
     out = base(x) + multiplier * (alpha / rank) * up(down(dropout(x)))
 
-The network's state is the LoRA file (lora_file.py writes and reads it; lora_tools.py converts, merges, resizes
-and inspects files; interop.py checks a file against diffusers, AUTOMATIC1111 and ComfyUI).
+The network's state is the LoRA file (lora_file.py writes and reads it, and fuses a file into the model weights
+for sampling; lora_tools.py converts, merges, resizes and inspects files; interop.py checks a file against
+diffusers, AUTOMATIC1111 and ComfyUI).
 """
 
 import json
@@ -51,7 +52,6 @@ class LoRALayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / rank
         self.multiplier = 1.0
-        self.merged_multiplier: float | None = None  # the multiplier folded into base.weight, if merged
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32, device=base.weight.device)
             self.up = nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32, device=base.weight.device)
@@ -69,7 +69,7 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged_multiplier is not None or self.multiplier == 0:
+        if self.multiplier == 0:
             return out
         if not torch.is_autocast_enabled(x.device.type):
             # Under autocast the matmuls cast x to the autocast dtype themselves: an fp32 copy first would be
@@ -82,28 +82,6 @@ class LoRALayer(nn.Module):
         """The layer's weights as a file stores them (detached fp32 CPU copies, and alpha)."""
         return LoRAModule(down=self.down.weight.detach().float().cpu().contiguous(),
                           up=self.up.weight.detach().float().cpu().contiguous(), alpha=self.alpha)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold multiplier * (alpha / rank) * up @ down into base.weight (the forward pass then costs what the base
-        layer costs)."""
-        if self.merged_multiplier is not None:
-            raise LoRAError("this LoRA layer is already merged; call unmerge() first")
-        self._add_to_base(self.multiplier)
-        self.merged_multiplier = self.multiplier
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge() (exact up to the base dtype's rounding)."""
-        if self.merged_multiplier is None:
-            raise LoRAError("this LoRA layer is not merged")
-        self._add_to_base(-self.merged_multiplier)
-        self.merged_multiplier = None
-
-    def _add_to_base(self, multiplier: float) -> None:
-        weight = self.base.weight
-        delta = self.module().delta().to(weight.device).reshape(weight.shape)
-        weight.copy_((weight.float() + multiplier * delta).to(weight.dtype))
 
 
 class LoRANetwork:

@@ -279,8 +279,6 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
     if not layers:
         raise LoRAError("check_interop compares the file with the LoRA network injected in the models, and they "
                         "have none; pass the UNet (and text encoder) that trained it, or inject and load the file")
-    if any(layer.merged_multiplier is not None for layer in layers.values()):
-        raise LoRAError("the network is merged into the model weights; call network.unmerge() before check_interop")
     if text_encoder is None and any(model_name == "text_encoder" for model_name, _ in modules):
         raise LoRAError(f"{path} has text-encoder modules; pass text_encoder= to check them too")
     with _at_full_strength(list(models.values()), list(layers.values())):
