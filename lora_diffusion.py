@@ -110,12 +110,13 @@ class LoRANetwork:
         for layer in self.layers.values():
             layer.multiplier = multiplier
 
-    def modules(self) -> LoRAModules:
+    def lora_modules(self) -> LoRAModules:
+        """Every layer's weights as the file stores them, keyed (model, module path)."""
         return {key: layer.module() for key, layer in self.layers.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The file's tensors (kohya layout): `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`."""
-        return kohya_tensors(self.modules())
+        return kohya_tensors(self.lora_modules())
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the LoRA file") -> None:
@@ -156,7 +157,7 @@ class LoRANetwork:
                        "ss_network_args": json.dumps({"conv_dim": str(self.conv_rank),
                                                       "conv_alpha": str(self.conv_alpha)})}
         header.update(metadata or {})
-        return write_lora_file(path, self.modules(), header)
+        return write_lora_file(path, self.lora_modules(), header)
 
     def load(self, path: str | Path) -> dict[str, str]:
         """Load a LoRA file written by save() into these layers; returns the file's metadata."""
