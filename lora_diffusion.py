@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sdlora.lora_file import (
-    FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
+    LORA_FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
     our_path, parse_lora_tensors, read_lora_file, write_lora_file,
 )
 
@@ -150,7 +150,7 @@ class LoRANetwork:
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the LoRA file; `metadata` (strings) is added to rank, alpha, targets and the format version."""
         header = {"rank": str(self.rank), "alpha": str(self.alpha), "targets": ",".join(self.targets),
-                  "format_version": FORMAT_VERSION, "ss_network_module": "networks.lora",
+                  "format_version": LORA_FORMAT_VERSION, "ss_network_module": "networks.lora",
                   "ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha)}
         if self.conv_rank:  # kohya's network_args, which its tools read back to rebuild a LoCon network
             header |= {"conv_rank": str(self.conv_rank), "conv_alpha": str(self.conv_alpha),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdlora.lora_file import (
-    FORMAT_VERSION, LAYOUTS, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
+    LAYOUTS, LORA_FORMAT_VERSION, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
     module_order, parse_path_number, rank_alpha_metadata, read_lora_file, read_lora_modules, write_lora_file,
 )
 
@@ -64,7 +64,7 @@ def merge_lora_files(out: str | Path, inputs: list[tuple[str | Path, float]]) ->
     merged = merge_lora_modules([(modules, weight) for (modules, _), (_, weight) in zip(read, inputs)])
     first, *others = [metadata for _, metadata in read]
     header = {k: v for k, v in first.items() if all(m.get(k) == v for m in others)}
-    header |= rank_alpha_metadata(merged) | {"format_version": FORMAT_VERSION,
+    header |= rank_alpha_metadata(merged) | {"format_version": LORA_FORMAT_VERSION,
                                               "merged_from": json.dumps([[str(p), w] for p, w in inputs])}
     return write_lora_file(out, merged, header)
 
