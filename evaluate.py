@@ -8,8 +8,8 @@ over checkpoints x LoRA scales that writes both into one table.
         --pretrained_model_name_or_path sd14 --prompts_file prompts.txt --num_images 8
     python evaluate.py report out/dog       # (re)write a training run's report.html
 
-A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except the
-`*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
+A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except hidden files
+and the `*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
 generate.py (model, prompts, sampler, size, seed), so each row is drawn exactly as generate.py would draw it.
 The sweep writes `metrics.csv` and `metrics.md` to its `--output_dir` and each row's images to a sub-folder;
 `report.py` shows `<run output_dir>/evaluation/metrics.csv` in the run's report.
@@ -35,12 +35,12 @@ from PIL import Image
 from torch import nn
 
 import generate
+from sdlora.files import IMAGE_EXTENSIONS, image_files
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.report import ReportError, write_report
 from sdlora.sampling import prompt_texts
 from sdlora.settings import ConfigError, check_model_source
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FEATURE_BATCH_SIZE = 32  # images per forward pass of a feature extractor or of CLIP
 METRICS_COLUMNS = ("checkpoint", "scale", "images", "fid", "clip_score", "images_dir")
 
@@ -63,14 +63,14 @@ def default_device() -> torch.device:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files under `folder` (sub-folders included, `*-grid` contact sheets left out), sorted by path."""
+    """The image files under `folder` as the dataset scan lists them (sdlora.files.image_files: sub-folders
+    included, hidden files left out), without the `*-grid` contact sheets, sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"{folder} is not a folder; pass a folder of images (png, jpg, jpeg, webp, bmp)")
-    paths = sorted(path for path in folder.rglob("*")
-                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.stem.endswith("-grid"))
+    paths = [path for path in image_files(folder) if not path.stem.endswith("-grid")]
     if not paths:
-        raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); check the path")
+        raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path")
     return paths
 
 

@@ -144,6 +144,18 @@ def test_inception_weights_offline_error_names_the_cache_and_the_fix(tmp_path, m
     assert "network access" in message and "feature extractor" in message
 
 
+def test_a_folder_of_images_is_listed_as_the_dataset_scan_lists_it_without_grids(tmp_path):
+    """evaluate.py reads a folder through the dataset's image listing (upper-case suffixes in, sub-folders in,
+    hidden files and OS droppings out), less the `*-grid` contact sheets."""
+    from sdlora.files import image_files
+
+    for name in ("a.png", "B.JPG", "sub/c.webp", "run-grid.png", ".hidden.png", "._d.jpg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert evaluate.list_images(tmp_path) == [tmp_path / "B.JPG", tmp_path / "a.png", tmp_path / "sub" / "c.webp"]
+    assert [p for p in image_files(tmp_path) if p.name != "run-grid.png"] == evaluate.list_images(tmp_path)
+
+
 def test_sweep_writes_one_row_per_checkpoint_and_scale(tiny_model_dir, tmp_path):
     """The table has one row per checkpoint x scale, in that order; scale 0 rows (the base model) are equal."""
     checkpoints = [random_lora(tiny_model_dir, tmp_path / f"run/checkpoint-{step}/pytorch_lora_weights.safetensors",
