@@ -40,7 +40,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_images_equal_diffusers_with_load_lora_weights(tiny_model_dir, tmp_path):
-    """Two LoRAs at their own scales, fused: the PNGs equal diffusers' images with the same LoRAs loaded
+    """Two LoRAs at their own multipliers, fused: the PNGs equal diffusers' images with the same LoRAs loaded
     by load_lora_weights and set_adapters (within 2/255 per pixel, for fused-vs-unfused float rounding)."""
     from diffusers import StableDiffusionPipeline
 

@@ -132,7 +132,7 @@ def test_converted_peft_file_loads_in_diffusers_at_the_trained_strength(tiny_mod
 # ---------------------------------------------------------------------------------------------------------------
 # Merge
 
-def test_merged_delta_is_the_weighted_sum_of_deltas(unet, tmp_path):
+def test_merged_delta_is_the_sum_of_deltas_at_their_multipliers(unet, tmp_path):
     """merge(A:0.7, B:-0.3) has delta 0.7 dA + (-0.3) dB per module (B covers only to_q), alpha = rank."""
     first = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, CONV_TARGETS, 4, 1.0, seed=0), {})
     second = write_lora_file(tmp_path / "b.safetensors", random_modules(unet, ("to_q",), 2, 3.0, seed=1), {})
@@ -285,8 +285,9 @@ def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(t
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
-def test_cli_resizes_in_a_subprocess_and_answers_a_bad_weight_with_one_line(unet, tmp_path):
-    """`resize` writes the lower-rank file and reports the energy; a bad FILE:WEIGHT is one `error:` line, exit 1."""
+def test_cli_resizes_in_a_subprocess_and_answers_a_bad_multiplier_with_one_line(unet, tmp_path):
+    """`resize` writes the lower-rank file and reports the energy; a bad FILE:MULTIPLIER is one `error:` line,
+    exit 1."""
     source = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, UNET_TARGETS, 4, 1.0, seed=0), {})
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -298,15 +299,15 @@ def test_cli_resizes_in_a_subprocess_and_answers_a_bad_weight_with_one_line(unet
     assert {m.rank for m in read_lora_modules(tmp_path / "r1.safetensors")[0].values()} == {1}
     refused = run("merge", str(tmp_path / "m.safetensors"), f"{source}:abc")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines() == [f"error: merge input '{source}:abc': expected FILE:WEIGHT with a "
-                                                   f"number after the last colon, e.g. style.safetensors:0.7"]
+    assert refused.stderr.strip().splitlines() == [f"error: merge input '{source}:abc': expected FILE:MULTIPLIER "
+                                                   f"with a number after the last colon, e.g. style.safetensors:0.7"]
 
 
 @pytest.mark.parametrize("argv, named", [
     (["inspect", "missing.safetensors"], "LoRA file not found: missing.safetensors; check the path"),
-    (["merge", "out.safetensors", "a.safetensors"], "merge input 'a.safetensors': expected FILE:WEIGHT"),
+    (["merge", "out.safetensors", "a.safetensors"], "merge input 'a.safetensors': expected FILE:MULTIPLIER"),
     (["resize", "{source}", "out.safetensors", "--rank", "0"], "rank 0: a LoRA rank must be at least 1"),
-], ids=["missing-file", "no-weight", "rank-0"])
+], ids=["missing-file", "no-multiplier", "rank-0"])
 def test_cli_mistakes_are_one_error_line_naming_the_fix(argv, named, unet, tmp_path, capsys):
     """Each user mistake returns 1 with one `error:` line that names the file or option and the fix."""
     source = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, ("to_q",), 2, 1.0, seed=0), {})
