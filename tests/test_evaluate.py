@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import evaluate
+from conftest import randomize_up
 from lora_diffusion import inject_trainable_lora
 from sdlora.tiny_model import build_tokenizer
 
@@ -63,10 +64,7 @@ def random_lora(tiny_model_dir: Path, path: Path, seed: int) -> Path:
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=generator) * 0.3)
+    randomize_up(network, seed, std=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     return network.save(path)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_up
 from lora_diffusion import LoRALayer, inject_trainable_lora
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
 
@@ -29,13 +30,6 @@ def unet_output(unet, inputs) -> torch.Tensor:
     latents, timesteps, embeddings = inputs
     with torch.no_grad():
         return unet(latents, timesteps, embeddings).sample
-
-
-def randomize_up(network, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
 
 
 def test_new_layer_is_exact_no_op():
