@@ -78,7 +78,7 @@ class LoRALayer(nn.Module):
         delta = self.up(self.down(self.dropout(x)))
         return out + (self.multiplier * self.scale * delta).to(out.dtype)
 
-    def module(self) -> LoRAModule:
+    def lora_module(self) -> LoRAModule:
         """The layer's weights as a file stores them (detached fp32 CPU copies, and alpha)."""
         return LoRAModule(down=self.down.weight.detach().float().cpu().contiguous(),
                           up=self.up.weight.detach().float().cpu().contiguous(), alpha=self.alpha)
@@ -112,7 +112,7 @@ class LoRANetwork:
 
     def lora_modules(self) -> LoRAModules:
         """Every layer's weights as the file stores them, keyed (model, module path)."""
-        return {key: layer.module() for key, layer in self.layers.items()}
+        return {key: layer.lora_module() for key, layer in self.layers.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The file's tensors (kohya layout): `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`."""
