@@ -24,12 +24,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from sdlora.files import atomic_write, sha256_file
+from sdlora.files import IMAGE_EXTENSIONS, atomic_write, data_files, image_files, is_ignored, sha256_file
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 MIN_SIDE_FRACTION = 4  # images whose short side is under resolution / 4 would be upscaled past usefulness
 BUCKET_STEP = 64  # bucket sides are multiples of 64 px (8 latent pixels)
@@ -59,16 +57,6 @@ class ScanResult:
     examples: list[Example] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file": relative path, "reason": ...}
     notes: Counter = field(default_factory=Counter)  # kinds of odd-but-usable inputs -> count
-
-
-def is_ignored(path: Path) -> bool:
-    """Hidden files (`.DS_Store`, macOS `._x.jpg`) and OS droppings are never data."""
-    return any(part.startswith(".") for part in path.parts) or path.name.lower() in IGNORED_NAMES
-
-
-def data_files(root: Path) -> list[Path]:
-    """Every file under `root` (sub-folders included) that may be data, sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
 
 
 def load_image(path: Path) -> tuple[Image.Image, list[str]]:
@@ -193,7 +181,7 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
         kind = "dataset" if option == "dataset_path" else "class"
         raise DatasetError(f"{kind} folder {root} does not exist; set {option} to a folder of images")
     files = data_files(root)
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = image_files(root)
     if not images:
         found = Counter(p.suffix.lower() or "(no extension)" for p in files)
         listing = ", ".join(f"{n} {ext}" for ext, n in found.most_common()) or "nothing"

@@ -1,15 +1,15 @@
 """Measure generated images: FID against a folder of real images, CLIP score against their prompts, and a sweep
-over checkpoints x LoRA scales that writes both into one table.
+over checkpoints x LoRA multipliers that writes both into one table.
 
     python evaluate.py fid GENERATED REFERENCE
     python evaluate.py clip-score FOLDER --prompts_file prompts.txt --clip_model openai/clip-vit-large-patch14
-    python evaluate.py sweep --checkpoints out/dog/checkpoint-500 out/dog/checkpoint-1000 --scales 0 0.5 1 \
+    python evaluate.py sweep --checkpoints out/dog/checkpoint-500 out/dog/checkpoint-1000 --multipliers 0 0.5 1 \
         --reference my_dog --output_dir out/dog/evaluation --clip_model openai/clip-vit-large-patch14 \
         --pretrained_model_name_or_path sd14 --prompts_file prompts.txt --num_images 8
     python evaluate.py report out/dog       # (re)write a training run's report.html
 
-A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except the
-`*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
+A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except hidden files
+and the `*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
 generate.py (model, prompts, sampler, size, seed), so each row is drawn exactly as generate.py would draw it.
 The sweep writes `metrics.csv` and `metrics.md` to its `--output_dir` and each row's images to a sub-folder;
 `report.py` shows `<run output_dir>/evaluation/metrics.csv` in the run's report.
@@ -35,14 +35,14 @@ from PIL import Image
 from torch import nn
 
 import generate
+from sdlora.files import IMAGE_EXTENSIONS, image_files
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.report import ReportError, write_report
 from sdlora.sampling import prompt_texts
 from sdlora.settings import ConfigError, check_model_source
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FEATURE_BATCH_SIZE = 32  # images per forward pass of a feature extractor or of CLIP
-METRICS_COLUMNS = ("checkpoint", "scale", "images", "fid", "clip_score", "images_dir")
+METRICS_COLUMNS = ("checkpoint", "multiplier", "images", "fid", "clip_score", "images_dir")
 
 # Images of any size in, one feature row per image out: (N images) -> (N, D) tensor.
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
@@ -63,14 +63,14 @@ def default_device() -> torch.device:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files under `folder` (sub-folders included, `*-grid` contact sheets left out), sorted by path."""
+    """The image files under `folder` as the dataset scan lists them (sdlora.files.image_files: sub-folders
+    included, hidden files left out), without the `*-grid` contact sheets, sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"{folder} is not a folder; pass a folder of images (png, jpg, jpeg, webp, bmp)")
-    paths = sorted(path for path in folder.rglob("*")
-                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.stem.endswith("-grid"))
+    paths = [path for path in image_files(folder) if not path.stem.endswith("-grid")]
     if not paths:
-        raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); check the path")
+        raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path")
     return paths
 
 
@@ -269,7 +269,7 @@ def clip_score_of_paths(paths: list[Path], prompts: list[str], scorer: ClipScore
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sweep: checkpoints x scales
+# Sweep: checkpoints x multipliers
 
 
 def lora_file_of(checkpoint: str | Path) -> Path:
@@ -283,10 +283,10 @@ def lora_file_of(checkpoint: str | Path) -> Path:
     return path
 
 
-def row_folder_name(index: int, lora_file: Path, scale: float) -> str:
-    """`00-checkpoint-500-scale0.5`: the index keeps rows of two runs with equally named checkpoints apart."""
+def row_folder_name(index: int, lora_file: Path, multiplier: float) -> str:
+    """`00-checkpoint-500-multiplier0.5`: the index keeps rows of two runs with equally named checkpoints apart."""
     label = lora_file.parent.name if lora_file.name == LORA_FILE_NAME else lora_file.stem
-    return f"{index:02d}-{label}-scale{scale:g}"
+    return f"{index:02d}-{label}-multiplier{multiplier:g}"
 
 
 def parse_generate_args(argv: list[str]) -> argparse.Namespace:
@@ -301,19 +301,21 @@ def parse_generate_args(argv: list[str]) -> argparse.Namespace:
                               f"`python generate.py --help`)") from None
 
 
-def sweep(checkpoints: list[str | Path], scales: list[float], reference: str | Path, output_dir: str | Path,
+def sweep(checkpoints: list[str | Path], multipliers: list[float], reference: str | Path, output_dir: str | Path,
           generate_args: list[str], extractor: FeatureExtractor, clip_scorer: ClipScoreFunction | None = None,
           ) -> Path:
-    """Draw the prompts with every checkpoint at every scale (generate.py, same seeds for every row), score each
+    """Draw the prompts with every checkpoint at every multiplier (generate.py, same seeds for every row), score each
     row's images (FID against `reference`; CLIP score when `clip_scorer` is given) and write metrics.csv and
-    metrics.md to `output_dir`. Returns the path of metrics.csv; one row per checkpoint x scale, in that order."""
+    metrics.md to `output_dir`. Returns the path of metrics.csv; one row per checkpoint x multiplier, in that
+    order."""
     # Check everything before the first (slow) image: generate.py settings, LoRA files, prompts, base model.
     if any(token == "--lora" or token.startswith("--lora=") for token in generate_args):
-        raise EvaluationError("--lora: the sweep sets the LoRA of each row; pass --checkpoints and --scales instead")
+        raise EvaluationError("--lora: the sweep sets the LoRA of each row; pass --checkpoints and --multipliers "
+                              "instead")
     base_cfg = parse_generate_args(generate_args)
     lora_files = [lora_file_of(checkpoint) for checkpoint in checkpoints]
-    if not scales:
-        raise EvaluationError("--scales is empty; give at least one LoRA scale, e.g. --scales 0 0.5 1")
+    if not multipliers:
+        raise EvaluationError("--multipliers is empty; give at least one LoRA multiplier, e.g. --multipliers 0 0.5 1")
     for lora_file in lora_files:
         generate.check_config(parse_generate_args([*generate_args, "--lora", str(lora_file)]))
     prompts = generate.read_prompts(base_cfg)
@@ -323,17 +325,18 @@ def sweep(checkpoints: list[str | Path], scales: list[float], reference: str | P
 
     rows = []
     for index, lora_file in enumerate(lora_files):
-        for scale in scales:
-            folder = output_dir / row_folder_name(index, lora_file, scale)
-            cfg = parse_generate_args([*generate_args, "--lora", f"{lora_file}:{scale}", "--output_dir", str(folder)])
+        for multiplier in multipliers:
+            folder = output_dir / row_folder_name(index, lora_file, multiplier)
+            cfg = parse_generate_args([*generate_args, "--lora", f"{lora_file}:{multiplier}", "--output_dir",
+                                       str(folder)])
             paths = generate.main(cfg)[:-1]  # the grid comes last
             rows.append({
-                "checkpoint": str(lora_file), "scale": scale, "images": len(paths),
+                "checkpoint": str(lora_file), "multiplier": multiplier, "images": len(paths),
                 "fid": fid(extract_features(paths, extractor), reference_features),
                 "clip_score": clip_score_of_paths(paths, prompts, clip_scorer) if clip_scorer else "",
                 "images_dir": folder.name,
             })
-            print(f"{lora_file} at scale {scale:g}: FID {rows[-1]['fid']:.4g}"
+            print(f"{lora_file} at multiplier {multiplier:g}: FID {rows[-1]['fid']:.4g}"
                   + (f", CLIP score {rows[-1]['clip_score']:.2f}" if clip_scorer else ""))
     return write_metrics(rows, output_dir)
 
@@ -370,6 +373,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(f"error: {message}; see `python {self.prog} --help`")
 
 
+class RenamedFlag(argparse.Action):
+    """An old flag name, kept for one release: stores into the new flag (`--<dest>`) after a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now --{self.dest}; the old name goes in the next release", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,clip-score,sweep,report}")
@@ -381,12 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     clip_command.add_argument("--prompts_file", required=True, help="one prompt per line, as generate.py reads it")
     clip_command.add_argument("--clip_model", required=True, help="hub id or folder of a transformers CLIPModel")
     sweep_command = commands.add_parser("sweep", allow_abbrev=False,
-                                        help="FID and CLIP score for every checkpoint x LoRA scale; other flags "
+                                        help="FID and CLIP score for every checkpoint x LoRA multiplier; other flags "
                                              "go to generate.py")
     sweep_command.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
                                help="LoRA files, or folders holding pytorch_lora_weights.safetensors")
-    sweep_command.add_argument("--scales", nargs="+", type=float, default=(1.0,),
-                               help="LoRA scales; 0 is the base model")
+    sweep_command.add_argument("--multipliers", nargs="+", type=float, default=(1.0,),
+                               help="LoRA multipliers (strengths); 0 is the base model")
+    sweep_command.add_argument("--scales", nargs="+", type=float, dest="multipliers", action=RenamedFlag,
+                               help=argparse.SUPPRESS)
     sweep_command.add_argument("--reference", required=True, help="folder of reference (real) images for FID")
     sweep_command.add_argument("--output_dir", required=True, help="metrics.csv, metrics.md and the images go here")
     sweep_command.add_argument("--clip_model", default="", help="hub id or folder of a CLIPModel; empty: no CLIP score")
@@ -411,7 +424,7 @@ def run_command(argv: list[str] | None = None) -> None:
         print(f"report: {write_report(args.run)}")
     else:
         scorer = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else None
-        csv_path = sweep(args.checkpoints, args.scales, args.reference, args.output_dir, extra,
+        csv_path = sweep(args.checkpoints, args.multipliers, args.reference, args.output_dir, extra,
                          InceptionFeatures(), scorer)
         print((csv_path.parent / "metrics.md").read_text(encoding="utf-8") + f"written: {csv_path}")
 

@@ -4,8 +4,9 @@ A LoRA layer adds a low-rank update to a frozen projection (Hu et al. 2021, http
 
     out = base(x) + multiplier * (alpha / rank) * up(down(dropout(x)))
 
-The network's state is the LoRA file (lora_file.py writes and reads it; lora_tools.py converts, merges, resizes
-and inspects files; interop.py checks a file against diffusers, AUTOMATIC1111 and ComfyUI).
+The network's state is the LoRA file (lora_file.py writes and reads it, and fuses a file into the model weights
+for sampling; lora_tools.py converts, merges, resizes and inspects files; interop.py checks a file against
+diffusers, AUTOMATIC1111 and ComfyUI).
 """
 
 import json
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from sdlora.lora_file import (
-    FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
+    LORA_FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
     our_path, parse_lora_tensors, read_lora_file, write_lora_file,
 )
 
@@ -51,7 +52,6 @@ class LoRALayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / rank
         self.multiplier = 1.0
-        self.merged_multiplier: float | None = None  # the multiplier folded into base.weight, if merged
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32, device=base.weight.device)
             self.up = nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32, device=base.weight.device)
@@ -69,7 +69,7 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged_multiplier is not None or self.multiplier == 0:
+        if self.multiplier == 0:
             return out
         if not torch.is_autocast_enabled(x.device.type):
             # Under autocast the matmuls cast x to the autocast dtype themselves: an fp32 copy first would be
@@ -78,32 +78,10 @@ class LoRALayer(nn.Module):
         delta = self.up(self.down(self.dropout(x)))
         return out + (self.multiplier * self.scale * delta).to(out.dtype)
 
-    def module(self) -> LoRAModule:
+    def lora_module(self) -> LoRAModule:
         """The layer's weights as a file stores them (detached fp32 CPU copies, and alpha)."""
         return LoRAModule(down=self.down.weight.detach().float().cpu().contiguous(),
                           up=self.up.weight.detach().float().cpu().contiguous(), alpha=self.alpha)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold multiplier * (alpha / rank) * up @ down into base.weight (the forward pass then costs what the base
-        layer costs)."""
-        if self.merged_multiplier is not None:
-            raise LoRAError("this LoRA layer is already merged; call unmerge() first")
-        self._add_to_base(self.multiplier)
-        self.merged_multiplier = self.multiplier
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge() (exact up to the base dtype's rounding)."""
-        if self.merged_multiplier is None:
-            raise LoRAError("this LoRA layer is not merged")
-        self._add_to_base(-self.merged_multiplier)
-        self.merged_multiplier = None
-
-    def _add_to_base(self, multiplier: float) -> None:
-        weight = self.base.weight
-        delta = self.module().delta().to(weight.device).reshape(weight.shape)
-        weight.copy_((weight.float() + multiplier * delta).to(weight.dtype))
 
 
 class LoRANetwork:
@@ -132,12 +110,13 @@ class LoRANetwork:
         for layer in self.layers.values():
             layer.multiplier = multiplier
 
-    def modules(self) -> LoRAModules:
-        return {key: layer.module() for key, layer in self.layers.items()}
+    def lora_modules(self) -> LoRAModules:
+        """Every layer's weights as the file stores them, keyed (model, module path)."""
+        return {key: layer.lora_module() for key, layer in self.layers.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The file's tensors (kohya layout): `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`."""
-        return kohya_tensors(self.modules())
+        return kohya_tensors(self.lora_modules())
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the LoRA file") -> None:
@@ -171,14 +150,14 @@ class LoRANetwork:
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the LoRA file; `metadata` (strings) is added to rank, alpha, targets and the format version."""
         header = {"rank": str(self.rank), "alpha": str(self.alpha), "targets": ",".join(self.targets),
-                  "format_version": FORMAT_VERSION, "ss_network_module": "networks.lora",
+                  "format_version": LORA_FORMAT_VERSION, "ss_network_module": "networks.lora",
                   "ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha)}
         if self.conv_rank:  # kohya's network_args, which its tools read back to rebuild a LoCon network
             header |= {"conv_rank": str(self.conv_rank), "conv_alpha": str(self.conv_alpha),
                        "ss_network_args": json.dumps({"conv_dim": str(self.conv_rank),
                                                       "conv_alpha": str(self.conv_alpha)})}
         header.update(metadata or {})
-        return write_lora_file(path, self.modules(), header)
+        return write_lora_file(path, self.lora_modules(), header)
 
     def load(self, path: str | Path) -> dict[str, str]:
         """Load a LoRA file written by save() into these layers; returns the file's metadata."""

@@ -3,7 +3,7 @@ inspect.
 
     python lora_tools.py inspect FILE
     python lora_tools.py convert FILE OUT --to peft|kohya
-    python lora_tools.py merge OUT FILE:WEIGHT [FILE:WEIGHT ...]
+    python lora_tools.py merge OUT FILE:MULTIPLIER [FILE:MULTIPLIER ...]
     python lora_tools.py resize FILE OUT --rank K
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdlora.lora_file import (
-    FORMAT_VERSION, LAYOUTS, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
+    LAYOUTS, LORA_FORMAT_VERSION, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
     module_order, parse_path_number, rank_alpha_metadata, read_lora_file, read_lora_modules, write_lora_file,
 )
 
@@ -33,16 +33,17 @@ def convert_lora_file(path: str | Path, out: str | Path, layout: str) -> Path:
 
 
 def merge_lora_modules(sources: list[tuple[LoRAModules, float]]) -> LoRAModules:
-    """Exact weighted sum of LoRAs by concatenating ranks. For a module present in files i (others add nothing):
+    """Exact sum of LoRAs, each at its multiplier m_i, by concatenating ranks. For a module present in files i
+    (others add nothing):
 
         down = cat_i(down_i)                      [sum r_i, in]
-        up   = cat_i(w_i * (alpha_i / r_i) * up_i) [out, sum r_i]     alpha = sum r_i (scale 1)
+        up   = cat_i(m_i * (alpha_i / r_i) * up_i) [out, sum r_i]     alpha = sum r_i (scale 1)
 
-    so up @ down = sum_i w_i * (alpha_i / r_i) * up_i @ down_i."""
+    so up @ down = sum_i m_i * (alpha_i / r_i) * up_i @ down_i."""
     pieces: dict[tuple[str, str], list[tuple[LoRAModule, float]]] = {}
-    for modules, weight in sources:
+    for modules, multiplier in sources:
         for key, module in modules.items():
-            pieces.setdefault(key, []).append((module, weight))
+            pieces.setdefault(key, []).append((module, multiplier))
     merged = {}
     for key, found in sorted(pieces.items(), key=lambda item: module_order(item[0])):
         shapes = {(tuple(m.down.shape[1:]), tuple(m.up.shape[:1]) + tuple(m.up.shape[2:])) for m, _ in found}
@@ -50,22 +51,22 @@ def merge_lora_modules(sources: list[tuple[LoRAModules, float]]) -> LoRAModules:
             raise LoRAError(f"{kohya_name(*key)} has different shapes in the files to merge ({sorted(shapes)}); "
                             f"only LoRAs for the same base model can be merged")
         down = torch.cat([m.down.float() for m, _ in found])
-        up = torch.cat([weight * m.scale * m.up.float() for m, weight in found], dim=1)
+        up = torch.cat([multiplier * m.scale * m.up.float() for m, multiplier in found], dim=1)
         merged[key] = LoRAModule(down=down, up=up, alpha=float(down.shape[0]))
     return merged
 
 
 def merge_lora_files(out: str | Path, inputs: list[tuple[str | Path, float]]) -> Path:
-    """Merge LoRA files, each at its weight, into one kohya-layout file (see merge_lora_modules). Metadata all
-    inputs agree on is kept; rank and alpha are the merged ones; `merged_from` lists the inputs and weights."""
+    """Merge LoRA files, each at its multiplier, into one kohya-layout file (see merge_lora_modules). Metadata all
+    inputs agree on is kept; rank and alpha are the merged ones; `merged_from` lists [input, multiplier] pairs."""
     if not inputs:
-        raise LoRAError("merge needs at least one FILE:WEIGHT")
+        raise LoRAError("merge needs at least one FILE:MULTIPLIER")
     read = [read_lora_modules(path) for path, _ in inputs]
-    merged = merge_lora_modules([(modules, weight) for (modules, _), (_, weight) in zip(read, inputs)])
+    merged = merge_lora_modules([(modules, multiplier) for (modules, _), (_, multiplier) in zip(read, inputs)])
     first, *others = [metadata for _, metadata in read]
     header = {k: v for k, v in first.items() if all(m.get(k) == v for m in others)}
-    header |= rank_alpha_metadata(merged) | {"format_version": FORMAT_VERSION,
-                                              "merged_from": json.dumps([[str(p), w] for p, w in inputs])}
+    header |= rank_alpha_metadata(merged) | {"format_version": LORA_FORMAT_VERSION,
+                                              "merged_from": json.dumps([[str(p), m] for p, m in inputs])}
     return write_lora_file(out, merged, header)
 
 
@@ -178,11 +179,11 @@ def format_inspection(info: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: python lora_tools.py inspect|convert|merge|resize ...
 def _merge_input(spec: str) -> tuple[Path, float]:
-    """`FILE:WEIGHT` (the last colon splits, so Windows drive letters survive)."""
+    """`FILE:MULTIPLIER` (the last colon splits, so Windows drive letters survive)."""
     try:
         return parse_path_number(spec)
     except ValueError:
-        raise LoRAError(f"merge input {spec!r}: expected FILE:WEIGHT with a number after the last colon, "
+        raise LoRAError(f"merge input {spec!r}: expected FILE:MULTIPLIER with a number after the last colon, "
                         f"e.g. style.safetensors:0.7") from None
 
 
@@ -213,9 +214,10 @@ def cli(argv: list[str] | None = None) -> int:
     convert.add_argument("file", type=Path)
     convert.add_argument("out", type=Path)
     convert.add_argument("--to", choices=LAYOUTS, required=True, help="kohya: ours, A1111, ComfyUI; peft: diffusers")
-    merge = tools.add_parser("merge", help="one file holding the weighted sum of LoRAs (exact: ranks add up)")
+    merge = tools.add_parser("merge", help="one file holding the sum of LoRAs, each at its multiplier (exact: ranks "
+                                           "add up)")
     merge.add_argument("out", type=Path)
-    merge.add_argument("inputs", nargs="+", metavar="FILE:WEIGHT")
+    merge.add_argument("inputs", nargs="+", metavar="FILE:MULTIPLIER")
     resize = tools.add_parser("resize", help="lower the rank by truncated SVD, reporting the energy kept")
     resize.add_argument("file", type=Path)
     resize.add_argument("out", type=Path)

@@ -40,14 +40,14 @@ def encode_latent_cache(dataset: CustomDataset, vae, disk_dir: Path | None, mode
     """{(example index, flip): (mean, std)} for every image and every mirroring it can be drawn with (on CPU).
 
     With `disk_dir`, each entry is also read from / written to `disk_dir/<key>.safetensors`; an entry whose image
-    or settings changed has another key, so it is never served stale. `shard` = (rank, count) encodes only every
-    count-th entry, for processes that split the work and gather the parts.
+    or settings changed has another key, so it is never served stale. `shard` = (process index, process count)
+    encodes only every count-th entry from the index on, for processes that split the work and gather the parts.
     """
     flips = (False, True) if dataset.random_flip else (False,)
     variants = [(index, flip) for index in range(len(dataset.examples)) for flip in flips]
-    rank, count = shard
+    process_index, process_count = shard
     cache = {}
-    for index, flip in variants[rank::count]:
+    for index, flip in variants[process_index::process_count]:
         path = disk_dir / f"{latent_key(dataset, index, flip, model_key)}.safetensors" if disk_dir else None
         entry = read_entry(path) if path else None
         if entry is None:
@@ -74,10 +74,11 @@ def read_entry(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 @torch.no_grad()
 def encode_text_cache(captions: list[str], tokenizer, text_encoder,
                       shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
-    """{caption: last hidden state (77 x D), on CPU} for every distinct caption (every count-th with `shard`)."""
-    rank, count = shard
+    """{caption: last hidden state (77 x D), on CPU} for every distinct caption (with `shard` = (process index,
+    process count), every count-th from the index on)."""
+    process_index, process_count = shard
     cache = {}
-    for caption in sorted(set(captions))[rank::count]:
+    for caption in sorted(set(captions))[process_index::process_count]:
         input_ids = tokenizer([caption], padding="max_length", truncation=True,
                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         cache[caption] = text_encoder(input_ids.to(text_encoder.device))[0][0].cpu()

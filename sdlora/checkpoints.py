@@ -24,7 +24,7 @@ from sdlora.settings import ConfigError
 MANIFEST = "manifest.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-FORMAT_VERSION = 1
+MANIFEST_VERSION = 1  # a checkpoint manifest's `format_version`
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def save_checkpoint(folder: Path, network: LoRANetwork, lora_metadata: dict[str,
         remove_checkpoint(folder)
     temporary.rename(folder)
     files = {path.name: sha256_file(path) for path in sorted(folder.iterdir())}
-    manifest = {"format_version": FORMAT_VERSION, "step": state["step"], "files": files,
+    manifest = {"format_version": MANIFEST_VERSION, "step": state["step"], "files": files,
                 "config_fingerprint": state.get("config_fingerprint"),
                 "dataset_fingerprint": state.get("dataset_fingerprint")}
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))

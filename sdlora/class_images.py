@@ -13,17 +13,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from dataset import IMAGE_EXTENSIONS, data_files
-from sdlora.files import atomic_write
+from sdlora.files import atomic_write, image_files
 
 GENERATION_BATCH = 4  # images per pipeline call
-
-
-def images_in(folder: Path) -> list[Path]:
-    """The image files under `folder` (sub-folders included), as the dataset scan finds them."""
-    if not folder.is_dir():
-        return []
-    return [p for p in data_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def free_names(folder: Path, count: int) -> list[Path]:
@@ -42,7 +34,7 @@ def generate_missing(folder: Path, wanted: int, prompt: str, model: str, resolut
                      guidance_scale: float, device: torch.device, dtype: torch.dtype) -> int:
     """Top `folder` up to `wanted` images of `prompt` drawn by `model` (its own scheduler, `steps` steps), each
     written with its caption beside it. Returns how many were generated (0 when the folder holds enough)."""
-    missing = wanted - len(images_in(folder))
+    missing = wanted - len(image_files(folder))
     if missing <= 0:
         return 0
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Writing files that are never half-written, and their checksums."""
+"""Which files in a folder are data (and which of those are images); writing files that are never half-written,
+and their checksums."""
 
 import hashlib
 import json
@@ -7,6 +8,28 @@ import struct
 from pathlib import Path
 
 import torch
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # compared lower-case: `.JPG` is an image too
+IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
+
+
+def is_ignored(path: Path) -> bool:
+    """Hidden files (`.DS_Store`, macOS `._x.jpg`) and OS droppings are never data."""
+    return any(part.startswith(".") for part in path.parts) or path.name.lower() in IGNORED_NAMES
+
+
+def data_files(root: Path) -> list[Path]:
+    """Every file under `root` (sub-folders included) that may be data, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored(p.relative_to(root)))
+
+
+def image_files(root: Path) -> list[Path]:
+    """The image files under `root` (sub-folders included; by extension, content unchecked), sorted; none when
+    `root` is not a folder. The one listing of images: the dataset scan, the class images and evaluate.py's
+    folders all read a folder through it."""
+    if not root.is_dir():
+        return []
+    return [p for p in data_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

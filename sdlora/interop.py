@@ -8,7 +8,7 @@ import copy
 import importlib.util
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,53 +25,46 @@ from sdlora.lora_file import (
 
 _RESNET_LDM_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_SD1_LAYERS_PER_BLOCK = 2  # the layout A1111's block numbers assume (see _a1111_name)
 _COMFYUI_CLIP_TARGETS = r"layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)"
 _DELTA_TOLERANCE = 1e-4  # file and network deltas are both fp32: they differ by summation order only
 
 
 def _a1111_name(name: str) -> str:
     """The module name AUTOMATIC1111 (extensions-builtin/Lora, `convert_diffusers_name_to_compvis`) looks up for
-    a kohya SD 1.x name. Its block numbers are fixed to SD 1.x's layout: 3 input and 3 output blocks per level.
-    Other names are looked up unchanged (and miss); conv_in/out never carry our LoRA."""
-    found = re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", name)
+    a kohya SD 1.x name. Its regexes split a UNet name at the block structure only (`down_blocks_<level>_resnets_
+    <index>_<rest>`) and number the blocks for SD 1.x's layout whatever the model's: 2 layers per block and no
+    attention in up level 0 (_ldm_unet_path with that layout). Other names are looked up unchanged (and miss);
+    conv_in/out never carry our LoRA."""
+    found = re.fullmatch(r"lora_unet_((?:down|up)_blocks_\d+|mid_block)_(attentions|resnets|downsamplers|upsamplers)"
+                         r"_(\d+)_(.+)", name)
     if found:
-        return f"diffusion_model_input_blocks_{3 + int(found.group(1)) * 3}_0_op"
-    found = re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", name)
-    if found:  # up level 0 of SD 1.x has no attentions: its upsampler is the block's second module, else third
-        level = int(found.group(1))
-        return f"diffusion_model_output_blocks_{2 + level * 3}_{2 if level > 0 else 1}_conv"
-    found = re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if found:
-        side, level, part, index, rest = found.groups()
-        block = 1 + int(level) * 3 + int(index) if side == "down" else int(level) * 3 + int(index)
-        blocks = "input_blocks" if side == "down" else "output_blocks"
-        return f"diffusion_model_{blocks}_{block}_{int(part == 'attentions')}_{_ldm_rest(part, rest, '_')}"
-    found = re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", name)
-    if found:
-        part, index, rest = found.groups()
-        block = 1 if part == "attentions" else 2 * int(index)
-        return f"diffusion_model_middle_block_{block}_{_ldm_rest(part, rest, '_')}"
-    found = re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)", name)
-    if found:
-        return f"diffusion_model_time_embed_{2 * int(found.group(1)) - 2}"
+        block, part, index, rest = found.groups()
+        module_path = f"{block.replace('_blocks_', '_blocks.')}.{part}.{index}.{rest}"
+    else:
+        found = re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)", name)
+        module_path = f"time_embedding.linear_{found.group(1)}" if found else None
+    if module_path is not None:
+        ldm_path = _ldm_unet_path(module_path, _SD1_LAYERS_PER_BLOCK, lambda level: level > 0)
+        return "diffusion_model_" + ldm_path.replace(".", "_") if ldm_path is not None else name
     found = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", name)
     if found:
         return f"transformer_text_model_encoder_layers_{found.group(1)}_{found.group(2)}"
     return name
 
 
-def _ldm_rest(part: str, rest: str, separator: str) -> str:
+def _ldm_rest(part: str, rest: str) -> str:
     """The path inside a CompVis block: unchanged in an attention, renamed in a resnet (conv1 -> in_layers.2)."""
-    return rest if part == "attentions" else _RESNET_LDM_NAMES.get(rest, rest).replace(".", separator)
+    return rest if part == "attentions" else _RESNET_LDM_NAMES.get(rest, rest)
 
 
-def _ldm_unet_path(module_path: str, unet: nn.Module) -> str | None:
+def _ldm_unet_path(module_path: str, layers_per_block: int, up_level_has_attentions: Callable[[int], bool]
+                   ) -> str | None:
     """Where a diffusers UNet module sits in the original CompVis UNet (ldm openaimodel.py, what A1111 runs),
     for any number of layers per block: input block 0 is conv_in, each down level has `layers_per_block` blocks
     and a block holding its downsampler (`op`), each up level `layers_per_block + 1` blocks, the last also holding
-    the upsampler after its resnet and attention; the middle block is resnet, attention, resnet.
-    None for modules outside the resnets, attentions, samplers and time embedding."""
-    layers_per_block = unet.config.layers_per_block
+    the upsampler after its resnet and attention (if the level has attentions); the middle block is resnet,
+    attention, resnet. None for modules outside the resnets, attentions, samplers and time embedding."""
     per_level = layers_per_block + 1
     found = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module_path)
     if found:
@@ -79,18 +72,18 @@ def _ldm_unet_path(module_path: str, unet: nn.Module) -> str | None:
     found = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module_path)
     if found:
         level = int(found.group(1))
-        inside = 2 if hasattr(unet.up_blocks[level], "attentions") else 1
+        inside = 2 if up_level_has_attentions(level) else 1
         return f"output_blocks.{level * per_level + layers_per_block}.{inside}.conv"
     found = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", module_path)
     if found:
         side, level, part, index, rest = found.groups()
         block = 1 + int(level) * per_level + int(index) if side == "down" else int(level) * per_level + int(index)
         blocks = "input_blocks" if side == "down" else "output_blocks"
-        return f"{blocks}.{block}.{int(part == 'attentions')}.{_ldm_rest(part, rest, '.')}"
+        return f"{blocks}.{block}.{int(part == 'attentions')}.{_ldm_rest(part, rest)}"
     found = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", module_path)
     if found:
         part, index, rest = found.groups()
-        return f"middle_block.{1 if part == 'attentions' else 2 * int(index)}.{_ldm_rest(part, rest, '.')}"
+        return f"middle_block.{1 if part == 'attentions' else 2 * int(index)}.{_ldm_rest(part, rest)}"
     found = re.fullmatch(r"time_embedding\.linear_(\d+)", module_path)
     return f"time_embed.{2 * int(found.group(1)) - 2}" if found else None
 
@@ -111,7 +104,8 @@ def _a1111_unmatched(names: list[str], unet: nn.Module, text_encoder: nn.Module 
     SD 1.x numbering on a UNet with another layout)."""
     own_name = {}  # A1111's name of a module of this model -> the kohya name of the same module
     for module_path in _layer_paths(unet, "unet"):
-        ldm_path = _ldm_unet_path(module_path, unet)
+        ldm_path = _ldm_unet_path(module_path, unet.config.layers_per_block,
+                                  lambda level: hasattr(unet.up_blocks[level], "attentions"))
         if ldm_path is not None:
             own_name["diffusion_model_" + ldm_path.replace(".", "_")] = unet_lora_name(module_path)
     for module_path in _layer_paths(text_encoder, "text_encoder"):
@@ -279,8 +273,6 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
     if not layers:
         raise LoRAError("check_interop compares the file with the LoRA network injected in the models, and they "
                         "have none; pass the UNet (and text encoder) that trained it, or inject and load the file")
-    if any(layer.merged_multiplier is not None for layer in layers.values()):
-        raise LoRAError("the network is merged into the model weights; call network.unmerge() before check_interop")
     if text_encoder is None and any(model_name == "text_encoder" for model_name, _ in modules):
         raise LoRAError(f"{path} has text-encoder modules; pass text_encoder= to check them too")
     with _at_full_strength(list(models.values()), list(layers.values())):

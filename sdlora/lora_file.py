@@ -24,7 +24,7 @@ from torch import nn
 from sdlora.files import atomic_write
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
-FORMAT_VERSION = "1"
+LORA_FORMAT_VERSION = "1"  # the LoRA file's `format_version` metadata
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 LAYOUTS = ("kohya", "peft")  # ours / A1111 (`lora_unet_*.lora_down.weight`), diffusers / PEFT (`unet.*.lora_A.weight`)

@@ -29,6 +29,15 @@ def shaped_dataset(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
     return root
 
 
+def randomize_up(network, seed: int = 1, std: float = 0.1) -> None:
+    """Stand-in for training: every layer's up weights drawn from N(0, std^2) with a generator seeded by `seed`
+    (layers in the network's order), so every layer has a non-zero delta."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in network.layers.values():
+            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=generator) * std)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -3,8 +3,9 @@
 import torch
 from diffusers.models.attention_processor import Attention
 
-from sdlora.attention import Float32AttentionProcessor, use_fp32_attention
+from conftest import randomize_up
 from lora_diffusion import inject_trainable_lora
+from sdlora.attention import Float32AttentionProcessor, use_fp32_attention
 
 
 def attention_layers(unet) -> list:
@@ -24,10 +25,7 @@ def output_and_lora_grads(unet, inputs, dtype) -> list[torch.Tensor]:
 def lora_unet(unet, dtype):
     unet = unet.to(dtype).requires_grad_(False)
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a trained-looking LoRA, so its gradients pass through the attention product
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
+    randomize_up(network)  # a trained-looking LoRA, so its gradients pass through the attention product
     return unet
 
 

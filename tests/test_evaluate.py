@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import evaluate
+from conftest import randomize_up
 from lora_diffusion import inject_trainable_lora
 from sdlora.tiny_model import build_tokenizer
 
@@ -58,15 +59,12 @@ def build_tiny_clip() -> tuple[CLIPModel, CLIPProcessor]:
 
 
 def random_lora(tiny_model_dir: Path, path: Path, seed: int) -> Path:
-    """A UNet LoRA file with non-zero up weights (so scale 1 changes the images) for the tiny model."""
+    """A UNet LoRA file with non-zero up weights (so multiplier 1 changes the images) for the tiny model."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     network = inject_trainable_lora(unet, rank=4, alpha=4.0)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=generator) * 0.3)
+    randomize_up(network, seed, std=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     return network.save(path)
 
@@ -144,8 +142,21 @@ def test_inception_weights_offline_error_names_the_cache_and_the_fix(tmp_path, m
     assert "network access" in message and "feature extractor" in message
 
 
-def test_sweep_writes_one_row_per_checkpoint_and_scale(tiny_model_dir, tmp_path):
-    """The table has one row per checkpoint x scale, in that order; scale 0 rows (the base model) are equal."""
+def test_a_folder_of_images_is_listed_as_the_dataset_scan_lists_it_without_grids(tmp_path):
+    """evaluate.py reads a folder through the dataset's image listing (upper-case suffixes in, sub-folders in,
+    hidden files and OS droppings out), less the `*-grid` contact sheets."""
+    from sdlora.files import image_files
+
+    for name in ("a.png", "B.JPG", "sub/c.webp", "run-grid.png", ".hidden.png", "._d.jpg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert evaluate.list_images(tmp_path) == [tmp_path / "B.JPG", tmp_path / "a.png", tmp_path / "sub" / "c.webp"]
+    assert [p for p in image_files(tmp_path) if p.name != "run-grid.png"] == evaluate.list_images(tmp_path)
+
+
+def test_sweep_writes_one_row_per_checkpoint_and_multiplier(tiny_model_dir, tmp_path):
+    """The table has one row per checkpoint x multiplier, in that order; multiplier 0 rows (the base model) are
+    equal."""
     checkpoints = [random_lora(tiny_model_dir, tmp_path / f"run/checkpoint-{step}/pytorch_lora_weights.safetensors",
                                seed=step).parent for step in (10, 20)]
     reference = write_pngs(smooth_images(4, seed=5), tmp_path / "reference")
@@ -161,14 +172,14 @@ def test_sweep_writes_one_row_per_checkpoint_and_scale(tiny_model_dir, tmp_path)
                               thumbnail_features, evaluate.ClipScorer.from_pretrained(str(clip_dir)))
     rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
     expected = [(str(c / "pytorch_lora_weights.safetensors"), s) for c in checkpoints for s in (0.0, 1.0)]
-    assert [(row["checkpoint"], float(row["scale"])) for row in rows] == expected
+    assert [(row["checkpoint"], float(row["multiplier"])) for row in rows] == expected
     assert all(row["images"] == "2" and float(row["fid"]) >= 0 and 0 <= float(row["clip_score"]) <= 100
                for row in rows)
     assert all(len(evaluate.list_images(csv_path.parent / row["images_dir"])) == 2 for row in rows)
     assert rows[0]["fid"] == rows[2]["fid"] and rows[0]["clip_score"] == rows[2]["clip_score"]  # both the base model
-    assert rows[1]["fid"] != rows[0]["fid"], "scale 1 must change the images"
+    assert rows[1]["fid"] != rows[0]["fid"], "multiplier 1 must change the images"
     markdown = (csv_path.parent / "metrics.md").read_text(encoding="utf-8").splitlines()
-    assert len(markdown) == 2 + len(expected) and markdown[0].startswith("| checkpoint | scale |")
+    assert len(markdown) == 2 + len(expected) and markdown[0].startswith("| checkpoint | multiplier |")
 
 
 def test_cli_mistakes_exit_with_one_error_line_naming_the_fix(tmp_path, capsys):
@@ -187,6 +198,17 @@ def test_cli_mistakes_exit_with_one_error_line_naming_the_fix(tmp_path, capsys):
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and expected in message and "\n" not in message, (argv, message)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_old_scales_flag_still_works_with_a_one_line_note(tmp_path, capsys):
+    """`sweep --scales` (renamed --multipliers) is still read, into the same setting, after a one-line note."""
+    args, _ = evaluate.build_parser().parse_known_args(
+        ["sweep", "--checkpoints", "a", "--scales", "0", "0.5", "--reference", "r", "--output_dir", "o"])
+    assert args.multipliers == [0.0, 0.5]
+    assert capsys.readouterr().err == "note: --scales is now --multipliers; the old name goes in the next release\n"
+    args, _ = evaluate.build_parser().parse_known_args(["sweep", "--checkpoints", "a", "--reference", "r",
+                                                        "--output_dir", "o"])
+    assert args.multipliers == (1.0,) and capsys.readouterr().err == ""
 
 
 def test_cli_clip_score_prints_the_mean_score_of_a_folder(tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import generate
+from conftest import randomize_up
 from lora_diffusion import inject_trainable_lora
 from sdlora.lora_file import LoRAError
 from sdlora.settings import ConfigError
@@ -20,10 +21,7 @@ def random_lora(tiny_model_dir, path: Path, seed: int, with_text_encoder: bool) 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     network = inject_trainable_lora(pipe.unet, rank=4, alpha=2.0,
                                     text_encoder=pipe.text_encoder if with_text_encoder else None)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=generator) * 0.2)
+    randomize_up(network, seed, std=0.2)
     return network.save(path)
 
 
@@ -40,7 +38,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_images_equal_diffusers_with_load_lora_weights(tiny_model_dir, tmp_path):
-    """Two LoRAs at their own scales, fused: the PNGs equal diffusers' images with the same LoRAs loaded
+    """Two LoRAs at their own multipliers, fused: the PNGs equal diffusers' images with the same LoRAs loaded
     by load_lora_weights and set_adapters (within 2/255 per pixel, for fused-vs-unfused float rounding)."""
     from diffusers import StableDiffusionPipeline
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train_lora
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, randomize_up
 from sdlora.interop import _a1111_name, check_interop
 from lora_diffusion import CONV_TARGETS, LoRALayer, inject_trainable_lora
 from sdlora.lora_file import fuse_lora_file
@@ -68,10 +68,7 @@ def test_locon_file_loads_in_diffusers_a1111_and_comfyui_as_the_network_computes
     """A LoCon file in SD 1.x's layout: kohya keys with 4-D down [r, in, 3, 3] and up [out, r, 1, 1] and their own
     alpha; diffusers' loader gives the network's outputs, and A1111's and ComfyUI's key rules match every module."""
     network = inject_trainable_lora(sd1_layout_unet, rank=4, alpha=4.0, conv_rank=8, conv_alpha=2.0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
+    randomize_up(network)
     path = network.save(tmp_path / "locon.safetensors")
     tensors = load_file(str(path))
     name = "lora_unet_down_blocks_1_downsamplers_0_conv"

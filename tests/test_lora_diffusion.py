@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_up
 from lora_diffusion import LoRALayer, inject_trainable_lora
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
 
@@ -29,13 +30,6 @@ def unet_output(unet, inputs) -> torch.Tensor:
     latents, timesteps, embeddings = inputs
     with torch.no_grad():
         return unet(latents, timesteps, embeddings).sample
-
-
-def randomize_up(network, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
 
 
 def test_new_layer_is_exact_no_op():
@@ -72,20 +66,26 @@ def test_lora_weights_stay_fp32_on_half_base():
     assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("base", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1)], ids=["linear", "conv1x1"])
-def test_merge_equals_unmerged_and_unmerge_restores(base):
-    """merge() folds the update with the same scale as forward; unmerge() gives the base weight back."""
-    layer = LoRALayer(base, rank=2, alpha=3.0)
-    nn.init.normal_(layer.up.weight)
-    layer.multiplier = 0.7
-    x = torch.randn(2, 6) if isinstance(base, nn.Linear) else torch.randn(2, 6, 3, 3)
-    original_weight = base.weight.detach().clone()
-    unmerged = layer(x)
-    layer.merge()
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
-    layer.unmerge()
-    torch.testing.assert_close(base.weight, original_weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("targets, conv_rank", [(("to_q",), 0), (("proj_in",), 0), (("to_k",), 2)],
+                         ids=["linear", "conv1x1", "conv3x3"])
+def test_fused_file_equals_unmerged_network_and_unfusing_restores(tiny_model_dir, unet, unet_inputs, tmp_path,
+                                                                  targets, conv_rank):
+    """Fusing the saved file at a multiplier folds the update with the same scale as forward (merged equals
+    unmerged); fusing it again at minus that multiplier gives the base weights back."""
+    from diffusers import UNet2DConditionModel
+
+    network = inject_trainable_lora(unet, rank=2, alpha=3.0, targets=targets, conv_rank=conv_rank, conv_alpha=3.0)
+    randomize_up(network)
+    network.set_multiplier(0.7)
+    unmerged = unet_output(unet, unet_inputs)
+    path = network.save(tmp_path / LORA_FILE_NAME)
+    fused = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    original = {name: weight.clone() for name, weight in fused.state_dict().items()}
+    assert fuse_lora_file(path, fused, None, multiplier=0.7) == len(network.layers)
+    torch.testing.assert_close(unet_output(fused, unet_inputs), unmerged, rtol=1e-5, atol=1e-5)
+    fuse_lora_file(path, fused, None, multiplier=-0.7)
+    for name, weight in fused.state_dict().items():
+        torch.testing.assert_close(weight, original[name], rtol=0, atol=1e-6)
 
 
 def test_conv_layer_rejects_grouped_convolutions():

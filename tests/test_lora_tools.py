@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, randomize_up
 from sdlora.interop import check_interop, write_interop_report
 from lora_diffusion import UNET_TARGETS, inject_trainable_lora
 from sdlora.lora_file import (
@@ -34,14 +34,6 @@ def random_modules(model: nn.Module, suffixes: tuple[str, ...], rank: int, alpha
             modules[("unet", path)] = LoRAModule(down=torch.randn(rank, *shape[1:], generator=g),
                                                  up=torch.randn(shape[0], rank, *shape[2:], generator=g), alpha=alpha)
     return modules
-
-
-def train_a_little(network, seed: int = 1) -> None:
-    """Stand-in for training: random up weights, so every layer has a non-zero delta."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in network.layers.values():
-            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * 0.1)
 
 
 def set_alpha(layer, alpha: float) -> None:
@@ -82,7 +74,7 @@ def test_unknown_name_is_an_error_naming_the_key(tmp_path):
 def test_kohya_to_peft_to_kohya_is_bitwise_and_keeps_every_alpha(unet, text_encoder, tmp_path):
     """ours -> PEFT -> ours gives the same keys, bitwise the same tensors (alphas included) and metadata."""
     network = inject_trainable_lora(unet, rank=4, alpha=1.0, text_encoder=text_encoder, targets=CONV_TARGETS)
-    train_a_little(network)
+    randomize_up(network)
     set_alpha(network.layers[("unet", "mid_block.attentions.0.proj_in")], 3.0)  # alpha != rank, and != the rest
     original = network.save(tmp_path / "ours.safetensors", metadata={"base_model": "tiny"})
     convert_lora_file(original, tmp_path / "peft.safetensors", "peft")
@@ -110,7 +102,7 @@ def test_converted_peft_file_loads_in_diffusers_at_the_trained_strength(tiny_mod
     ids = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     network = inject_trainable_lora(pipe.unet, rank=4, alpha=1.0, text_encoder=pipe.text_encoder,
                                     targets=CONV_TARGETS)
-    train_a_little(network)
+    randomize_up(network)
     set_alpha(network.layers[("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")], 6.0)
     set_alpha(network.layers[("text_encoder", "encoder.layers.1.self_attn.out_proj")], 0.5)
     expected_unet = unet_output(pipe.unet, unet_inputs)
@@ -132,7 +124,7 @@ def test_converted_peft_file_loads_in_diffusers_at_the_trained_strength(tiny_mod
 # ---------------------------------------------------------------------------------------------------------------
 # Merge
 
-def test_merged_delta_is_the_weighted_sum_of_deltas(unet, tmp_path):
+def test_merged_delta_is_the_sum_of_deltas_at_their_multipliers(unet, tmp_path):
     """merge(A:0.7, B:-0.3) has delta 0.7 dA + (-0.3) dB per module (B covers only to_q), alpha = rank."""
     first = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, CONV_TARGETS, 4, 1.0, seed=0), {})
     second = write_lora_file(tmp_path / "b.safetensors", random_modules(unet, ("to_q",), 2, 3.0, seed=1), {})
@@ -239,7 +231,7 @@ def test_interop_check_passes_on_a_good_file(sd1_layout_unet, text_encoder, tmp_
     resnets_and_time = ("time_emb_proj", "conv_shortcut", "linear_1")  # A1111 renames these (emb_layers.1, ...)
     network = inject_trainable_lora(sd1_layout_unet, rank=4, alpha=1.0, text_encoder=text_encoder,
                                     targets=CONV_TARGETS + resnets_and_time)
-    train_a_little(network)
+    randomize_up(network)
     set_alpha(network.layers[("unet", "down_blocks.2.attentions.1.proj_in")], 3.0)
     network.set_multiplier(0.5)  # the check compares at full strength, whatever the network is set to
     path = network.save(tmp_path / "final.safetensors")
@@ -255,7 +247,7 @@ def test_interop_check_passes_on_a_good_file(sd1_layout_unet, text_encoder, tmp_
 def test_interop_check_lists_a_key_with_a_typo(sd1_layout_unet, tmp_path):
     """A module name with a typo (attn1 -> atn1) is unmatched for A1111 and ComfyUI, and diffusers is not ok."""
     network = inject_trainable_lora(sd1_layout_unet, rank=4, alpha=1.0)
-    train_a_little(network)
+    randomize_up(network)
     right = "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn1_to_k"
     typo = right.replace("attn1", "atn1")
     tensors = {k.replace(right, typo): v for k, v in network.state_dict().items()}
@@ -274,7 +266,7 @@ def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(t
 
     unet = build_unet(layers_per_block=1).eval()
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)
-    train_a_little(network)
+    randomize_up(network)
     report = check_interop(network.save(tmp_path / "tiny.safetensors"), unet)
 
     assert report["a1111_unmatched"] == sorted(kohya_name(*key) for key in network.layers if key[1].startswith("up_"))
@@ -285,8 +277,9 @@ def test_a1111_numbering_misplaces_the_up_blocks_of_a_one_layer_per_block_unet(t
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
-def test_cli_resizes_in_a_subprocess_and_answers_a_bad_weight_with_one_line(unet, tmp_path):
-    """`resize` writes the lower-rank file and reports the energy; a bad FILE:WEIGHT is one `error:` line, exit 1."""
+def test_cli_resizes_in_a_subprocess_and_answers_a_bad_multiplier_with_one_line(unet, tmp_path):
+    """`resize` writes the lower-rank file and reports the energy; a bad FILE:MULTIPLIER is one `error:` line,
+    exit 1."""
     source = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, UNET_TARGETS, 4, 1.0, seed=0), {})
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -298,15 +291,15 @@ def test_cli_resizes_in_a_subprocess_and_answers_a_bad_weight_with_one_line(unet
     assert {m.rank for m in read_lora_modules(tmp_path / "r1.safetensors")[0].values()} == {1}
     refused = run("merge", str(tmp_path / "m.safetensors"), f"{source}:abc")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines() == [f"error: merge input '{source}:abc': expected FILE:WEIGHT with a "
-                                                   f"number after the last colon, e.g. style.safetensors:0.7"]
+    assert refused.stderr.strip().splitlines() == [f"error: merge input '{source}:abc': expected FILE:MULTIPLIER "
+                                                   f"with a number after the last colon, e.g. style.safetensors:0.7"]
 
 
 @pytest.mark.parametrize("argv, named", [
     (["inspect", "missing.safetensors"], "LoRA file not found: missing.safetensors; check the path"),
-    (["merge", "out.safetensors", "a.safetensors"], "merge input 'a.safetensors': expected FILE:WEIGHT"),
+    (["merge", "out.safetensors", "a.safetensors"], "merge input 'a.safetensors': expected FILE:MULTIPLIER"),
     (["resize", "{source}", "out.safetensors", "--rank", "0"], "rank 0: a LoRA rank must be at least 1"),
-], ids=["missing-file", "no-weight", "rank-0"])
+], ids=["missing-file", "no-multiplier", "rank-0"])
 def test_cli_mistakes_are_one_error_line_naming_the_fix(argv, named, unet, tmp_path, capsys):
     """Each user mistake returns 1 with one `error:` line that names the file or option and the fix."""
     source = write_lora_file(tmp_path / "a.safetensors", random_modules(unet, ("to_q",), 2, 1.0, seed=0), {})

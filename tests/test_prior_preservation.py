@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_lora
-from sdlora.class_images import images_in
+from sdlora.files import image_files
 from conftest import shaped_dataset
 from dataset import BucketBatchSampler
 from sdlora.settings import ConfigError
@@ -48,7 +48,7 @@ def test_missing_class_images_are_generated_once_and_reused(tiny_model_dir, tmp_
     cfg = config(tiny_model_dir, tmp_path, "--class_data_path", str(classes), "--class_prompt", "a photo of a cat",
                  "--num_class_images", "3")
     train_lora.main(cfg)
-    made = images_in(classes)
+    made = image_files(classes)
     assert len(made) == 3
     assert all(p.with_suffix(".txt").read_text(encoding="utf-8") == "a photo of a cat" for p in made)
     stamps = {p: p.stat().st_mtime_ns for p in made}
@@ -56,7 +56,7 @@ def test_missing_class_images_are_generated_once_and_reused(tiny_model_dir, tmp_
     (tmp_path / "out" / "pytorch_lora_weights.safetensors").unlink()
     train_lora.main(config(tiny_model_dir, tmp_path, "--class_data_path", str(classes), "--class_prompt",
                            "a photo of a cat", "--num_class_images", "3", "--resume_from_checkpoint", "latest"))
-    assert {p: p.stat().st_mtime_ns for p in images_in(classes)} == stamps
+    assert {p: p.stat().st_mtime_ns for p in image_files(classes)} == stamps
     report = (tmp_path / "out" / "data_report.json").read_text(encoding="utf-8")
     assert '"class_images": 3' in report and '"training": 3' in report
     assert [prompt.prompt for prompt in train_lora.sample_prompts(cfg)] == ["a photo of a cat"]  # base vs LoRA

@@ -47,9 +47,9 @@ def make_fake_run(folder: Path) -> Path:
         Image.fromarray(pixels[:, :64]).save(folder / "samples" / f"step{step:06d}-00.png")
     (folder / "evaluation").mkdir()
     (folder / "evaluation" / "metrics.csv").write_text(
-        "checkpoint,scale,images,fid,clip_score,images_dir\n"
-        "run/checkpoint-10/pytorch_lora_weights.safetensors,0.5,4,123.456789,31.25,00-checkpoint-10-scale0.5\n"
-        "run/checkpoint-10/pytorch_lora_weights.safetensors,1.0,4,98.7654321,33.5,00-checkpoint-10-scale1\n",
+        "checkpoint,multiplier,images,fid,clip_score,images_dir\n"
+        "run/checkpoint-10/pytorch_lora_weights.safetensors,0.5,4,123.456789,31.25,00-checkpoint-10-multiplier0.5\n"
+        "run/checkpoint-10/pytorch_lora_weights.safetensors,1.0,4,98.7654321,33.5,00-checkpoint-10-multiplier1\n",
         encoding="utf-8")
     return folder
 
@@ -119,7 +119,7 @@ def test_report_shows_each_file_of_the_run_with_grids_in_step_order(fake_run):
     text = " ".join(" ".join(parse(page).text).split())
     assert "sks dog <b>on</b> a beach" in text and "<b>on</b>" not in source  # run text is escaped, not markup
     assert "usable images 11" in text and "broken.jpg truncated JPEG" in text and "converted to RGB 2" in text
-    assert "123.5" in text and "98.77" in text and "00-checkpoint-10-scale1" in text  # metrics.csv rows
+    assert "123.5" in text and "98.77" in text and "00-checkpoint-10-multiplier1" in text  # metrics.csv rows
     assert f"last step {TRAIN_STEPS}" in text and "2 attempt(s)" in text
     assert "skipped updates (non-finite loss or gradient): 1" in text
     assert source.index("samples/step000000-grid.png") < source.index("samples/step000010-grid.png")
