@@ -1,5 +1,6 @@
 """LoRA file tools: kohya names <-> module paths, convert, merge, resize, inspect, the interop check and the CLI."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -250,6 +251,18 @@ def test_interop_check_passes_on_a_good_file(sd1_layout_unet, text_encoder, tmp_
     assert {layer.multiplier for layer in network.layers.values()} == {0.5}
     written = write_interop_report(path, report)
     assert written == tmp_path / "final.interop.json" and json.loads(written.read_text()) == report
+
+
+def test_interop_check_without_peft_says_skipped_and_how_to_enable_it(sd1_layout_unet, tmp_path, monkeypatch):
+    """Without peft the diffusers check is reported as skipped, with `pip install peft` as the way to run it, and
+    the other checks still decide `ok`."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    network = inject_trainable_lora(sd1_layout_unet, rank=4, alpha=1.0)
+    train_a_little(network)
+    report = check_interop(network.save(tmp_path / "final.safetensors"), sd1_layout_unet)
+    assert report["diffusers"] == "skipped: peft not installed (`pip install peft` enables this check)"
+    assert report["ok"] is True
 
 
 def test_interop_check_lists_a_key_with_a_typo(sd1_layout_unet, tmp_path):
