@@ -984,14 +984,15 @@ def main(cfg: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     dataset, validation_data, identity = load_data(cfg, accelerator, output_dir, resume_folder)
 
-    # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
-    # before the UNet loads, so the two phases never hold each other's memory.
     # Which parts compute in fp32 on this CPU goes into the checkpoints with the run's identity, for a resume to take
     # it again; the main process decides for all, so that every process computes alike, and for every frozen model.
     weight_dtype = PRECISION_DTYPES[cfg.mixed_precision]
     fp32_parts = broadcast_object_list([fp32_parts_here(resume_folder, accelerator.device, weight_dtype)
                                         if accelerator.is_main_process else None])[0]
     identity.update(fp32_parts)
+
+    # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
+    # before the UNet loads, so the two phases never hold each other's memory.
     tokenizer, text_encoder, vae, noise_scheduler = load_encoders(cfg.pretrained_model_name_or_path, weight_dtype)
     use_fp32_choices(vae, fp32_parts)
     use_fp32_choices(text_encoder, fp32_parts)
