@@ -121,7 +121,7 @@ from sdlora.checkpoints import (  # noqa: E402
     CheckpointError, check_resume_matches, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
     prune_checkpoints, read_state, resolve_resume, run_identity, save_checkpoint,
 )
-from sdlora.cpu_kernels import fp32_choices, use_fp32_choices  # noqa: E402
+from sdlora.cpu_kernels import check_cpu_precision, fp32_choices, use_fp32_choices  # noqa: E402
 from sdlora.class_images import generate_missing  # noqa: E402
 from dataset import (BucketBatchSampler, CustomDataset, DatasetError, WeightedItems,  # noqa: E402
                      caption_token_counts)
@@ -974,6 +974,7 @@ def main(cfg: argparse.Namespace) -> Path:
     output_dir = Path(cfg.output_dir)
     resume_folder = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     accelerator = make_accelerator(cfg, output_dir)
+    check_cpu_precision(cfg.mixed_precision, accelerator.device)
     if accelerator.is_main_process:
         check_output_dir(output_dir)
     if cfg.class_data_path and resume_folder is None and accelerator.is_main_process:
@@ -983,10 +984,18 @@ def main(cfg: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     dataset, validation_data, identity = load_data(cfg, accelerator, output_dir, resume_folder)
 
+    # Which parts compute in fp32 on this CPU goes into the checkpoints with the run's identity, for a resume to take
+    # it again; the main process decides for all, so that every process computes alike, and for every frozen model.
+    weight_dtype = PRECISION_DTYPES[cfg.mixed_precision]
+    fp32_parts = broadcast_object_list([fp32_parts_here(resume_folder, accelerator.device, weight_dtype)
+                                        if accelerator.is_main_process else None])[0]
+    identity.update(fp32_parts)
+
     # Cache: encode what is frozen once, then release the VAE and text encoder (until sampling needs them)
     # before the UNet loads, so the two phases never hold each other's memory.
-    weight_dtype = PRECISION_DTYPES[cfg.mixed_precision]
     tokenizer, text_encoder, vae, noise_scheduler = load_encoders(cfg.pretrained_model_name_or_path, weight_dtype)
+    use_fp32_choices(vae, fp32_parts)
+    use_fp32_choices(text_encoder, fp32_parts)
     if accelerator.is_main_process:
         report_long_captions(dataset, tokenizer)
     vae.to(accelerator.device)
@@ -1000,11 +1009,6 @@ def main(cfg: argparse.Namespace) -> Path:
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
 
     # Load the UNet in the training precision and inject LoRA (weights fp32, seeded so every run starts alike).
-    # Which parts compute in fp32 on this CPU goes into the checkpoints with the run's identity, for a resume to take
-    # it again; the main process decides for all, so that every process computes alike.
-    fp32_parts = broadcast_object_list([fp32_parts_here(resume_folder, accelerator.device, weight_dtype)
-                                        if accelerator.is_main_process else None])[0]
-    identity.update(fp32_parts)
     unet, network = trainable_unet(cfg, weight_dtype, accelerator.device, text_encoder, fp32_parts)
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)

@@ -20,7 +20,9 @@ for more: images/s beside s/step):
           (cpu_kernels.py); floor-fp32-/floor-bf16-attention and -kernels force one choice, floor-channels-last,
           floor-fused-adamw and floor-compile try one change each, side by side with it (the forced variants
           that equal this machine's choice show the run's noise)
-then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone.
+then generation: generate.py's pipeline with one fused LoRA against the base pipeline alone. A low precision that
+would crawl on this CPU (cpu_kernels.check_cpu_precision, where bf16 instructions are missing) is skipped at start,
+its reason printed and kept in the results file and under the table.
 Results go to benchmarks/results-<device>.json and a markdown table is printed; BENCHMARKS.md keeps them.
 """
 
@@ -535,29 +537,48 @@ def main() -> None:
                                                                      args.precision_one, args.batch_one)
         return run_one(args)
 
+    skipped = crawling_precisions(args.precisions, device)
+    precisions = [precision for precision in args.precisions if precision not in skipped]
     build_sd14(Path(args.model_dir))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / f"results-{device}.json"
     results = {"device": device, "machine": machine_name(device), "torch": torch.__version__, "steps": args.steps,
-               "runs": []}
+               "runs": [], **({"skipped": skipped} if skipped else {})}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
     if "training" not in args.parts:  # the training runs already in the file stay; a new file gets the header
         results = {**results, **earlier}
     elif "generation" not in args.parts and "generation" in earlier:
         results["generation"] = earlier["generation"]
     for resolution in args.resolutions if "training" in args.parts else []:
-        for precision in args.precisions:
+        for precision in precisions:
             for batch in args.batch_sizes:
                 run = {"resolution": resolution, "precision": precision, "batch": batch}
                 for variant in args.variants:
                     run[variant] = child(args, variant, resolution, precision, batch)
                 results["runs"].append(run)
-    if "generation" in args.parts:
-        generation_precision = args.precisions[-1]
+    if "generation" in args.parts and precisions:
+        generation_precision = precisions[-1]
         results["generation"] = {"resolution": args.generation_resolution, "precision": generation_precision,
                                  "steps": args.generation_steps,
                                  **child(args, "generation", args.generation_resolution, generation_precision)}
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n\n{markdown(results)}")
+
+
+def crawling_precisions(precisions: list[str], device: str) -> dict[str, str]:
+    """{precision: why} for each low precision that train_lora.py would refuse here because it crawls on this CPU
+    (cpu_kernels.check_cpu_precision: hundreds of times slower than fp32 where bf16 instructions are missing), said
+    at once; its rows are skipped rather than left to run for hours."""
+    from sdlora.cpu_kernels import check_cpu_precision
+    from sdlora.settings import ConfigError
+
+    skipped = {}
+    for precision in precisions:
+        try:
+            check_cpu_precision("no" if precision == "fp32" else precision, device)
+        except ConfigError as error:
+            skipped[precision] = str(error)
+            print(f"skipping every {precision} row: {error}", flush=True)
+    return skipped
 
 
 def machine_name(device: str) -> str:
@@ -603,6 +624,7 @@ def markdown(results: dict) -> str:
             ratios.append(f"{setting}: " + ", ".join(
                 f"ours / {floor} {medians['ours'] / medians[floor]:.3f}" for floor in medians if floor != "ours"))
     lines += ["", *ratios, *paired]
+    lines += [f"{precision} not measured: {why}" for precision, why in results.get("skipped", {}).items()]
     gen = results.get("generation")
     if gen:
         base, fused = statistics.median(gen["base"]), statistics.median(gen["fused"])

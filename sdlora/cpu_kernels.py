@@ -9,12 +9,19 @@ against 80 ms for the convolution, 486 against 601 for attention. So a short tim
 (fp32_choices), and the decision is kept with the run's checkpoints, so that a resumed run computes as the
 original did.
 
-Where fp32 kernels are faster, each frozen Conv2d and Linear of the UNet over at least MIN_POSITIONS positions
-(pixels times batch, or rows) reads its bf16 input and weight as fp32, computes in fp32 and rounds its output to
-bf16, as the bf16 kernel does after accumulating in fp32; its input gradient likewise. Smaller layers (SD 1.4's
-16 x 16 and 8 x 8 levels at 512 px) stay with the bf16 kernels, which are as fast or faster there. Only the frozen
-weight is kept for the backward pass, never an fp32 copy. Where fp32 attention is faster, attention.py's processor
-takes the product in fp32. On a GPU, and in fp32, nothing changes.
+Where fp32 kernels are faster, each frozen Conv2d and Linear of the UNet (and of the VAE and text encoder, which
+train_lora.py gives the same choice) over at least MIN_POSITIONS positions (pixels times batch, or rows) reads its
+bf16 input and weight as fp32, computes in fp32 and rounds its output to bf16, as the bf16 kernel does after
+accumulating in fp32; its input gradient likewise. Smaller layers (SD 1.4's 16 x 16 and 8 x 8 levels at 512 px) stay
+with the bf16 kernels, which are as fast or faster there. Only the frozen weight is kept for the backward pass,
+never an fp32 copy. Where fp32 attention is faster, attention.py's processor takes the product in fp32. On a GPU,
+and in fp32, nothing changes.
+
+A CPU without any bf16 instructions (AVX2 only: no avx512_bf16, no AMX) is another case: there oneDNN's bf16
+kernels crawl (a 3x3 convolution of 128 channels over 128 x 128: 47 ms in fp32, 17,680 in bf16, 376 times, on an
+AVX2-only EPYC with torch 2.14.1), and no choice of parts saves the run, since the VAE, the text encoder and the
+UNet's small layers still compute in bf16. check_cpu_precision times a small probe at start and stops such a run
+with the fix, --mixed_precision no, before any model loads.
 """
 
 import time
@@ -24,9 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdlora.attention import use_fp32_attention
+from sdlora.settings import ConfigError
 
 MIN_POSITIONS = 1024  # below this, the fp32 kernel's gain does not pay for reading the weight as fp32
 FASTER_BY = 0.9  # fp32 is taken only when it needs at most this share of the low-precision kernels' time
+# A low precision whose probe takes more than this multiple of fp32's time is refused on the CPU. bf16 can buy at
+# most 2x on a CPU (half the bytes moved), so a kernel 3x slower never pays for itself; CPUs with bf16 instructions
+# time 0.4-1.5x (Zen 4, a 2-core avx512_bf16 Xeon), CPUs without them hundreds of times (376x above): 3 lies
+# between, twice the Xeon's 1.5 so that a loaded machine's noise does not refuse a CPU that has them.
+CRAWL_RATIO = 3.0
+CONFIRMATIONS = 3  # probes that must all find the low precision crawling before a run is refused
 
 
 class _ConvInFp32(torch.autograd.Function):
@@ -89,16 +103,17 @@ class Float32Linear(nn.Linear):
             return _LinearInFp32.apply(x, self.weight, self.bias)
 
 
-def timed_in_turn(one_pass, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
-    """(fp32 seconds, `dtype` seconds): the median of `repeats` calls of `one_pass(precision)` (which returns its
-    seconds) in each precision, the two taken in turn so that a change in the machine's speed hits both alike."""
+def timed_in_turn(one_pass, dtype: torch.dtype, repeats: int, fastest: bool = False) -> tuple[float, float]:
+    """(fp32 seconds, `dtype` seconds): the median (or with `fastest`, the minimum) of `repeats` calls of
+    `one_pass(precision)` (which returns its seconds) in each precision, the two taken in turn so that a change in
+    the machine's speed hits both alike."""
     seconds = {torch.float32: [], dtype: []}
     for index in range(repeats + 1):  # the first round warms the kernels up
         for precision in seconds:
             taken = one_pass(precision)
             if index:
                 seconds[precision].append(taken)
-    fp32, low = (sorted(seconds[p])[repeats // 2] for p in (torch.float32, dtype))
+    fp32, low = (sorted(seconds[p])[0 if fastest else repeats // 2] for p in (torch.float32, dtype))
     return fp32, low
 
 
@@ -138,6 +153,45 @@ def attention_timings(dtype: torch.dtype, repeats: int = 3) -> tuple[float, floa
     return timed_in_turn(one_pass, dtype, repeats)
 
 
+def low_precision_timings(dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """(fp32 seconds, `dtype` seconds): the fastest of `repeats` forward passes of a 3x3 convolution (64 channels
+    over 32 x 32) and a linear layer (256 to 256 features on 1024 rows), a millisecond or two in fp32: small enough
+    that a CPU emulating bf16 at hundreds of times the cost still answers within seconds. The fastest, not the
+    median: on a busy machine a pass this short is often interrupted (here a 1 ms pass once took 9), and
+    interruptions only ever add time."""
+    generator = torch.Generator().manual_seed(0)
+    image, conv_weight = torch.randn(1, 64, 32, 32, generator=generator), torch.randn(64, 64, 3, 3, generator=generator)
+    rows, linear_weight = torch.randn(1024, 256, generator=generator), torch.randn(256, 256, generator=generator)
+
+    def one_pass(precision: torch.dtype) -> float:
+        x, w, y, v = (t.to(precision) for t in (image, conv_weight, rows, linear_weight))
+        start = time.perf_counter()
+        F.conv2d(x, w, padding=1)
+        F.linear(y, v)
+        return time.perf_counter() - start
+
+    return timed_in_turn(one_pass, dtype, repeats, fastest=True)
+
+
+def check_cpu_precision(mixed_precision: str, device: torch.device | str) -> None:
+    """Stop a run on the CPU whose `mixed_precision` (bf16 or fp16) computes more than CRAWL_RATIO times slower than
+    fp32 here (low_precision_timings), before any model loads: a ConfigError naming the option, the measured
+    figures and the fix, `--mixed_precision no`. One timing decides for every frozen model (VAE, text encoder,
+    UNet); on a GPU, and in fp32, nothing is timed."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None or torch.device(device).type != "cpu":
+        return
+    for _ in range(CONFIRMATIONS):  # a refusal needs every probe to say so
+        fp32, low = low_precision_timings(dtype)
+        if low <= CRAWL_RATIO * fp32:
+            return
+    raise ConfigError(
+        f"--mixed_precision {mixed_precision}: {mixed_precision} computes {low / fp32:.0f}x slower than fp32 on this "
+        f"CPU (a 3x3 convolution and a linear layer: fp32 {fp32 * 1000:.1f} ms, {mixed_precision} {low * 1000:.1f} ms; "
+        f"over {CRAWL_RATIO:.0f}x, as where bf16 instructions such as avx512_bf16 or AMX are missing), so the run "
+        f"would crawl; use --mixed_precision no")
+
+
 def fp32_choices(dtype: torch.dtype) -> tuple[dict[str, bool], str]:
     """({"fp32_attention": ..., "fp32_kernels": ...}: whether each part of a UNet step in `dtype`, bf16 or fp16,
     should compute in fp32 on this CPU, a line saying why), from attention_timings and kernel_timings."""
@@ -152,12 +206,13 @@ def fp32_choices(dtype: torch.dtype) -> tuple[dict[str, bool], str]:
     return choices, "CPU kernels (per probe pass): " + "; ".join(parts)
 
 
-def use_fp32_choices(unet: nn.Module, choices: dict[str, bool]) -> None:
-    """Give `unet` the fp32 attention and fp32 kernels that `choices` (fp32_choices's) take."""
+def use_fp32_choices(model: nn.Module, choices: dict[str, bool]) -> None:
+    """Give `model` (the UNet, VAE or text encoder: one timing decides for all) the fp32 attention and fp32 kernels
+    that `choices` (fp32_choices's) take; layers that are not SD's plain attention keep their processor."""
     if choices["fp32_attention"]:
-        use_fp32_attention(unet)
+        use_fp32_attention(model)
     if choices["fp32_kernels"]:
-        use_fp32_kernels(unet)
+        use_fp32_kernels(model)
 
 
 def use_fp32_kernels(unet: nn.Module) -> int:

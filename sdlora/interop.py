@@ -28,6 +28,8 @@ _RESNET_LDM_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_p
 _SD1_LAYERS_PER_BLOCK = 2  # the layout A1111's block numbers assume (see _a1111_name)
 _COMFYUI_CLIP_TARGETS = r"layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)"
 _DELTA_TOLERANCE = 1e-4  # file and network deltas are both fp32: they differ by summation order only
+# What the report says when diffusers' loader cannot be tried, and how to enable it (peft is in requirements.txt).
+PEFT_MISSING = "skipped: peft not installed (`pip install peft` enables this check)"
 
 
 def _a1111_name(name: str) -> str:
@@ -205,7 +207,7 @@ def _diffusers_check(path: Path, models: dict[str, nn.Module], names: list[str],
     """Load the file with diffusers' own loader into copies of the base models; "ok" when every module of the file
     got a PEFT layer, none else did, and the outputs match `reference` (the network's); else the reason."""
     if importlib.util.find_spec("peft") is None:
-        return "skipped: peft not installed"
+        return PEFT_MISSING
     from diffusers import StableDiffusionPipeline
     from peft.tuners.lora import LoraLayer
 
@@ -261,7 +263,7 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
     (c) the delta: each module's (alpha / rank) up @ down from the file, applied to a fixed x, against the
         network's own scale * up(down(x)); the worst difference relative to max(1, |delta x|), at most 1e-4.
 
-    Returns {"file", "diffusers": "ok" | "skipped: peft not installed" | reason, "a1111_unmatched",
+    Returns {"file", "diffusers": "ok" | PEFT_MISSING | reason, "a1111_unmatched",
     "comfyui_unmatched", "network_unmatched" (modules only one of file and network has), "file_problems" (keys
     that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside the file."""
     path = Path(path)
@@ -287,7 +289,7 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
         "file_problems": problems,
         "max_delta_error": max_delta_error,
     }
-    report["ok"] = (report["diffusers"] in ("ok", "skipped: peft not installed")
+    report["ok"] = (report["diffusers"] in ("ok", PEFT_MISSING)
                     and max_delta_error <= _DELTA_TOLERANCE
                     and not any(report[k] for k in ("a1111_unmatched", "comfyui_unmatched", "network_unmatched",
                                                     "file_problems")))

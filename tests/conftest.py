@@ -20,6 +20,18 @@ from sdlora.tiny_model import build_tiny_sd  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
+                          scale: torch.Tensor | float | None = None) -> None:
+    """Every element of `actual` within rtol x scale of `expected`; scale = max |expected| unless given.
+
+    Float rounding grows with the magnitude of the numbers a result is summed from, which the tensor's largest value
+    stands for, not with each element: a per-element rtol asks near-exactness of elements near zero, and an absolute
+    atol means another thing for values of 1e-3 and of 1e3. So rtol counts roundings (fp32's eps is 1.2e-7, fp64's
+    2.2e-16), which another processor's summation order or FMA changes in number, not in size."""
+    scale = expected.abs().max().item() if scale is None else float(scale)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * scale)
+
+
 def shaped_dataset(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
     """One flat image per {file name: (width, height)}, each with a caption, in `root`."""
     root.mkdir(parents=True, exist_ok=True)

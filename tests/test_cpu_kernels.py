@@ -3,6 +3,7 @@ matmuls in fp32 where they do."""
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,7 @@ from sdlora import cpu_kernels
 import train_lora
 from sdlora.checkpoints import STATE_JSON
 from sdlora.cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
+from sdlora.settings import ConfigError
 from test_attention import output_and_lora_grads, relative_error, seeded_lora_unet
 
 
@@ -155,3 +157,34 @@ def test_use_fp32_choices_installs_what_it_is_told(tiny_model_dir):
             processors = {type(p) for p in unet.attn_processors.values()}
             assert (Float32AttentionProcessor in processors) is attention
             assert any(type(m) in (Float32Conv2d, Float32Linear) for m in unet.modules()) is kernels
+
+
+# The AVX2-only EPYC (no avx512_bf16, no AMX) with torch 2.14.1: a 3x3 convolution, 128 channels over 128 x 128.
+AVX2_ONLY_SECONDS = (0.047, 17.68)
+
+
+def test_a_cpu_whose_low_precision_crawls_is_refused_naming_the_fix(monkeypatch):
+    """bf16 timed more than CRAWL_RATIO times slower than fp32 stops with one line naming --mixed_precision bf16,
+    the measured figures and --mixed_precision no; at CRAWL_RATIO, when one of the CONFIRMATIONS probes finds it
+    fast, on a GPU and without low precision it goes on."""
+    monkeypatch.setattr(cpu_kernels, "low_precision_timings", lambda dtype: AVX2_ONLY_SECONDS)
+    with pytest.raises(ConfigError) as refused:
+        cpu_kernels.check_cpu_precision("bf16", torch.device("cpu"))
+    assert str(refused.value) == (
+        "--mixed_precision bf16: bf16 computes 376x slower than fp32 on this CPU (a 3x3 convolution and a linear "
+        "layer: fp32 47.0 ms, bf16 17680.0 ms; over 3x, as where bf16 instructions such as avx512_bf16 or AMX are "
+        "missing), so the run would crawl; use --mixed_precision no")
+    monkeypatch.setattr(cpu_kernels, "low_precision_timings", lambda dtype: (1.0, cpu_kernels.CRAWL_RATIO))
+    cpu_kernels.check_cpu_precision("bf16", "cpu")
+    probes = iter([AVX2_ONLY_SECONDS, AVX2_ONLY_SECONDS, (1.0, 0.5)])  # a busy moment, then the truth
+    monkeypatch.setattr(cpu_kernels, "low_precision_timings", lambda dtype: next(probes))
+    cpu_kernels.check_cpu_precision("bf16", "cpu")
+    monkeypatch.setattr(cpu_kernels, "low_precision_timings", never_timed)
+    for precision, device in (("no", "cpu"), ("bf16", "cuda"), ("fp16", torch.device("cuda"))):
+        cpu_kernels.check_cpu_precision(precision, device)
+
+
+def test_the_precision_probe_times_both_precisions():
+    """low_precision_timings returns two positive times, fp32 first (its verdict is this machine's own)."""
+    fp32, bf16 = cpu_kernels.low_precision_timings(torch.bfloat16, repeats=1)
+    assert fp32 > 0 and bf16 > 0

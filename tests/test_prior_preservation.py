@@ -74,9 +74,14 @@ def test_a_vanishing_prior_weight_trains_the_instance_lora(tiny_model_dir, tmp_p
         runs[weight] = load_file(str(train_lora.main(config(
             tiny_model_dir, tmp_path / weight, "--class_data_path", str(classes), "--class_prompt", "a photo",
             "--num_class_images", "0", "--prior_loss_weight", weight))))
+    # The instance micro-batches compute alike in both runs; the class loss's 1e-12 share of a gradient, even where
+    # Adam divides by eps (1e-8), moves a weight by under 1e-6 of a step. So the tolerance is a share of the distance
+    # Adam travels (about the learning rate per step): 2.5e-4 of it (1e-6; equal here), and the weight-1 run must
+    # move 100 times that.
+    travel = 1e-3 * 4  # --learning_rate x --max_train_steps of config()
     for key in without:
-        torch.testing.assert_close(runs["1e-12"][key], without[key], rtol=0, atol=1e-6)
-    assert max((runs["1.0"][k] - without[k]).abs().max().item() for k in without) > 1e-4
+        torch.testing.assert_close(runs["1e-12"][key], without[key], rtol=0, atol=2.5e-4 * travel)
+    assert max((runs["1.0"][k] - without[k]).abs().max().item() for k in without) > 2.5e-2 * travel
 
 
 @pytest.mark.parametrize("extra, fragment", [

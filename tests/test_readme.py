@@ -1,5 +1,7 @@
-"""The README and docs/options.md document what the repository holds and what the scripts accept."""
+"""The README and docs/options.md document what the repository holds and what the scripts accept, and .ci/run
+runs the README's test commands."""
 
+import re
 import subprocess
 
 import generate
@@ -27,8 +29,23 @@ def test_the_file_table_names_every_top_level_entry_and_module():
     assert not missing, f"README's file table lacks rows for {missing}"
 
 
-def test_ci_runs_the_readme_test_command():
-    """.ci/run runs the same pytest command the README gives users."""
+def commands(lines: list[str]) -> list[str]:
+    """The shell commands of `lines`: comments (a `#` at the start or after a space) and blank lines dropped."""
+    return [command for line in lines if (command := re.sub(r"(^|\s)#.*", "", line).strip())]
+
+
+def test_ci_runs_the_readme_test_block():
+    """.ci/run runs every command of the README's test block (the bash block holding the pytest command), in the
+    same order: the Chromium install and the pip install + pytest line the README gives users."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    ci = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
+    blocks = [block for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+              if "python -m pytest -q tests" in block]
+    assert len(blocks) == 1, f"the README needs one bash block with the test command, has {len(blocks)}"
+    readme_commands = commands(blocks[0].splitlines())
+    assert readme_commands[-1] == "pip install -r requirements.txt -r requirements-dev.txt && python -m pytest -q tests"
+    assert any("apt-get install -y chromium" in command for command in readme_commands), readme_commands
+    ci_commands = commands((REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines())
+    missing = [command for command in readme_commands if command not in ci_commands]
+    assert not missing, f".ci/run lacks the README's {missing}"
+    positions = [ci_commands.index(command) for command in readme_commands]
+    assert positions == sorted(positions), f".ci/run runs the README's commands in another order: {ci_commands}"
