@@ -95,6 +95,17 @@ def build_parser(defaults: dict, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_machine_settings(cfg: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `cfg` with `mixed_precision auto` made concrete for this machine (said once, and saved so in
+    config.json and the checkpoints), and TF32 allowed where the GPU has it."""
+    allow_tf32()
+    precision = resolve_precision(cfg.mixed_precision)
+    if precision != cfg.mixed_precision:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        print(f"mixed precision: {cfg.mixed_precision} -> {precision} ({device})")
+    return argparse.Namespace(**dict(vars(cfg), mixed_precision=precision))
+
+
 def check_model_source(name_or_path: str) -> None:
     """Stop at once, with the fix, when the base model cannot be found (typo, or offline without a copy)."""
     local = Path(name_or_path).expanduser()

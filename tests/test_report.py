@@ -24,7 +24,7 @@ def make_fake_run(folder: Path) -> Path:
     """A run folder as train_lora.py leaves it (plus a validation loss log and a metrics table), with a resume."""
     folder.mkdir(parents=True)
     config = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-4, "output_dir": str(folder),
-              "validation_prompts": ["a photo of sks dog", "sks dog <b>on</b> a beach"]}
+              "sample_prompts": ["a photo of sks dog", "sks dog <b>on</b> a beach"]}
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     data_report = {"dataset_path": "my_dog", "usable": 11, "skipped_count": 1,
                    "skipped": [{"file": "broken.jpg", "reason": "truncated JPEG"}], "notes": {"converted to RGB": 2}}
