@@ -127,6 +127,16 @@ def test_report_shows_each_file_of_the_run_with_grids_in_step_order(fake_run):
     assert "step000000-00.png" not in source, "only the grids are shown, not every single sample"
 
 
+def test_a_run_from_before_the_rename_still_shows_its_sample_prompts(fake_run):
+    """A run folder written before sample_prompts was renamed saved the prompts as validation_prompts."""
+    config_path = fake_run / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["validation_prompts"] = config.pop("sample_prompts")
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    text = " ".join(" ".join(parse(report.write_report(fake_run)).text).split())
+    assert "Prompts, left to right: a photo of sks dog | sks dog <b>on</b> a beach" in text
+
+
 def test_loss_plot_is_a_nonblank_png_of_the_stated_size_with_the_validation_curve(fake_run):
     """loss.png is a PNG of PLOT_SIZE with real content, and shows the validation colour only when it is logged."""
     report.write_report(fake_run)
