@@ -158,9 +158,10 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(cfg.learning_rate > 0, f"--learning_rate {cfg.learning_rate}: must be positive, e.g. 1e-4")
     need(cfg.max_train_steps > 0 or cfg.num_train_epochs > 0,
          "--max_train_steps and --num_train_epochs are both 0: set one of them")
-    need(min(cfg.max_train_steps, cfg.num_train_epochs, cfg.lr_warmup_steps, cfg.checkpointing_steps,
-             cfg.checkpoints_total_limit, cfg.sample_steps, cfg.validation_loss_steps) >= 0,
-         "step counts, epochs and limits cannot be negative")
+    negative = [f"--{name} {getattr(cfg, name)}" for name in ("max_train_steps", "num_train_epochs", "lr_warmup_steps",
+                "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "validation_loss_steps")
+                if getattr(cfg, name) < 0]
+    need(not negative, f"{', '.join(negative)}: step counts, epochs and limits cannot be negative; use 0 or more")
     need(0 <= cfg.lora_dropout < 1, f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
     need(cfg.lora_targets in LORA_TARGETS, f"--lora_targets {cfg.lora_targets!r}: choose one of {', '.join(LORA_TARGETS)}")
     need(0 <= cfg.caption_dropout < 1, f"--caption_dropout {cfg.caption_dropout}: a probability in [0, 1)")

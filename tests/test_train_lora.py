@@ -57,6 +57,7 @@ def test_flags_override_constants_and_booleans_parse_explicitly():
     (["--optimizer", "prodigy"], "set --learning_rate 1.0"),
     (["--lora_targets", "everything"], "--lora_targets 'everything'"),
     (["--caption_dropout", "1.5"], "--caption_dropout 1.5"),
+    (["--validation_loss_steps", "-2"], "--validation_loss_steps -2: step counts"),
 ])
 def test_bad_settings_are_refused_naming_the_option(tiny_model_dir, tmp_path, flags, message):
     """A setting that cannot work is refused before anything is written, naming the flag."""
