@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{concept.kind} concept {concept.name!r}: 8 pictures with captions in {data_dir}")
     lora_path = run_training([
         "--pretrained_model_name_or_path", args.model, "--dataset_path", str(data_dir), "--output_dir", str(run_dir),
-        *RECIPE, "--checkpointing_steps", "300", "--validation_steps", "300", "--validation_guidance_scale", str(tiny_world.GUIDANCE),
-        "--validation_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS, *training_flags,
+        *RECIPE, "--checkpointing_steps", "300", "--sample_steps", "300", "--sample_guidance_scale", str(tiny_world.GUIDANCE),
+        "--sample_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS, *training_flags,
     ])
 
     # Grade: the same prompts and seeds with and without the LoRA, through generate.py's loader (fused weights).

@@ -51,7 +51,7 @@ def run_one(flags: list[str]) -> dict:
             "--pretrained_model_name_or_path", str(MODEL), "--dataset_path", str(data), "--output_dir",
             str(Path(work) / "out"), "--resolution", "64", "--rank", "8", "--alpha", "8", "--learning_rate", "1e-3",
             "--train_batch_size", "4", "--max_train_steps", str(STEPS), "--checkpointing_steps", str(STEPS),
-            "--validation_steps", "0", "--validation_prompts", "--interop_check", "false", *flags])
+            "--sample_steps", "0", "--sample_prompts", "--interop_check", "false", *flags])
         train_lora.main(cfg)
         rows = [json.loads(line) for line in (Path(work) / "out" / "loss_log.jsonl").read_text().splitlines()]
         with safe_open(str(Path(work) / "out" / f"checkpoint-{STEPS}" / STATE_TENSORS), "pt") as f:

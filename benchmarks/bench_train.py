@@ -45,6 +45,8 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdlora.tiny_model import SD_SCHEDULE, build_tokenizer  # noqa: E402
+from sdlora.training_log import log_step  # noqa: E402
+from sdlora.training_step import train_micro_batch  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXAMPLE_DATASET = ROOT / "examples" / "dataset"
@@ -116,7 +118,7 @@ def train_args(model_dir: Path, output_dir: Path, resolution: int, precision: st
                dataset: Path = EXAMPLE_DATASET, batch: int = 1) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model_dir), "--dataset_path", str(dataset),
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", str(batch),
-            "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--validation_prompts",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "0", "--sample_prompts",
             "--mixed_precision", "no" if precision == "fp32" else precision, "--interop_check", "false"]
 
 
@@ -160,9 +162,11 @@ def measure_script(model_dir: Path, resolution: int, precision: str, steps: int,
     while loading (before the first step) and during the steps apart; a profile of steps 2 and 3. Batch 1 trains on
     the bundled example images, a larger batch on copies of the square one (batch_dataset)."""
     import train_lora
+    from sdlora import training_log
+    from sdlora.run_files import LOSS_LOG_NAME
 
     sampler = MemorySampler()
-    profiler, restore = profiled(train_lora, "log_step")
+    profiler, restore = profiled(training_log, "log_step")
     with tempfile.TemporaryDirectory() as output_dir:
         dataset = EXAMPLE_DATASET if batch == 1 else batch_dataset(Path(output_dir) / "data", batch)
         run_dir = Path(output_dir) / "run"
@@ -172,7 +176,7 @@ def measure_script(model_dir: Path, resolution: int, precision: str, steps: int,
         with profiler:
             train_lora.main(train_lora.parse_config(args))
         restore()
-        rows = [json.loads(line) for line in (run_dir / "loss_log.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (run_dir / LOSS_LOG_NAME).read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # the first step (warm-up) is not counted
     before_steps = max((rss for t, rss in sampler.samples if t < rows[0]["time"] - times[0]), default=float("nan"))
     return {"step_seconds": times, "peak_mb": peak_memory_mb(sampler), "load_peak_mb": before_steps,
@@ -335,22 +339,26 @@ class ScriptStep:
         import train_lora
         from diffusers import DDPMScheduler
 
-        self.train_lora = train_lora
         from tqdm import tqdm
 
-        self.cfg = train_lora.resolve_machine_settings(
+        from sdlora.loading import inject_lora, trainable_unet
+        from sdlora.settings import resolve_machine_settings
+        from sdlora.training_step import StepModels
+
+        self.cfg = resolve_machine_settings(
             train_lora.parse_config(train_args(model_dir, output_dir, resolution, precision, 1000, batch=batch)))
         self.accelerator = train_lora.make_accelerator(self.cfg, output_dir)
         dtype = PRECISION_DTYPES[precision]
         device = self.accelerator.device
-        unet, self.network = train_lora.trainable_unet(self.cfg, dtype, device, None,
-                                                       timed_fp32_parts(device.type, dtype))
+        unet = trainable_unet(self.cfg, dtype, timed_fp32_parts(device.type, dtype))
+        torch.manual_seed(self.cfg.seed)
+        self.network = inject_lora(self.cfg, unet, None)
         optimizer = train_lora.make_optimizer(self.cfg, self.network)
         width = unet.config.cross_attention_dim
         unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.lr_scheduler = train_lora.make_schedule(self.cfg, self.optimizer, 4)[2]
         scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-        self.models = train_lora.StepModels(unet, None, None, scheduler, 0.18215, [unet])
+        self.models = StepModels(unet, None, None, scheduler, 0.18215, [unet])
         side = resolution // 8
         self.batch = {"index": torch.arange(batch), "loss_weight": torch.full((batch,), 1 / batch),  # as Draw weighs
                       "latent_mean": torch.randn(batch, 4, side, side, device=device, dtype=dtype),
@@ -361,12 +369,11 @@ class ScriptStep:
 
     def __call__(self) -> tuple[float, float]:
         start = time.perf_counter()
-        loss, finite = self.train_lora.train_micro_batch(self.batch, self.step, self.cfg, self.accelerator,
-                                                         self.models, self.network, self.optimizer)
+        loss, finite = train_micro_batch(self.batch, self.step, self.cfg, self.accelerator, self.models, self.network,
+                                         self.optimizer)
         self.lr_scheduler.step()
         self.step += 1
-        self.train_lora.log_step(self.progress, self.accelerator, None, self.step, loss,
-                                 self.lr_scheduler.get_last_lr()[0], finite)
+        log_step(self.progress, self.accelerator, None, self.step, loss, self.lr_scheduler.get_last_lr()[0], finite)
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, 0.0

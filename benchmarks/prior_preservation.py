@@ -39,8 +39,8 @@ def train(name: str, *extra: str) -> Path:
     data = tiny_world.write_concept_dataset(tiny_world.CONCEPTS["sks-purple"], WORK / "data")
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(MODEL), "--dataset_path", str(data), "--output_dir", str(WORK / name),
-        *RECIPE, "--checkpointing_steps", "0", "--validation_steps", "0", "--validation_prompts",
-        "--validation_guidance_scale", str(tiny_world.GUIDANCE), "--interop_check", "false", *extra])
+        *RECIPE, "--checkpointing_steps", "0", "--sample_steps", "0", "--sample_prompts",
+        "--sample_guidance_scale", str(tiny_world.GUIDANCE), "--interop_check", "false", *extra])
     started = time.perf_counter()
     path = train_lora.main(cfg)
     print(f"{name}: trained in {time.perf_counter() - started:.0f} s", flush=True)

@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from sdlora.files import atomic_write, sha256_file
 from lora_diffusion import LoRANetwork
 from sdlora.lora_file import LORA_FILE_NAME
-from sdlora.settings import ConfigError
+from sdlora.settings import RENAMED_FLAGS, ConfigError
 
 MANIFEST = "manifest.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -231,7 +231,8 @@ def resolve_resume(output_dir: Path, resume_from_checkpoint: str) -> Path | None
 def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str, allow_changes: bool) -> None:
     """Refuse to resume a checkpoint made with other settings or data, listing the differences."""
     state = read_state(folder)
-    saved = state.get("run_identity", {})
+    # A checkpoint written before a setting was renamed saved it under its old name.
+    saved = {RENAMED_FLAGS.get(name, name): value for name, value in state.get("run_identity", {}).items()}
     differences = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
                    for name, value in identity.items() if saved.get(name) != value]
     if state.get("dataset_fingerprint") != dataset_fingerprint:

@@ -22,9 +22,10 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdlora.run_files import CONFIG_NAME, DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPLES_DIR, VAL_LOSS_LOG_NAME
+
 REPORT_NAME = "report.html"
 LOSS_PLOT_NAME = "loss.png"
-VAL_LOSS_LOG_NAME = "val_loss_log.jsonl"
 METRICS_PATH = "evaluation/metrics.csv"  # where `evaluate.py sweep --output_dir <run>/evaluation` writes its table
 LEARNING_NAME = "learning.json"  # demo.py: concept and prior shares, base vs LoRA, by the world's classifier
 LEARNING_GRID_NAME = "learning.png"  # demo.py: base vs LoRA rows on the concept and the known prompts
@@ -111,7 +112,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 def sample_grids(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every samples/step<NNNNNN>-grid.png, in step order."""
-    found = [(int(match.group(1)), path) for path in (output_dir / "samples").glob("step*-grid.png")
+    found = [(int(match.group(1)), path) for path in (output_dir / SAMPLES_DIR).glob("step*-grid.png")
              if (match := GRID_PATTERN.fullmatch(path.name))]
     return sorted(found)
 
@@ -218,7 +219,7 @@ def note(text: str) -> str:
 
 
 def loss_section(output_dir: Path) -> str:
-    rows = read_jsonl(output_dir / "loss_log.jsonl")
+    rows = read_jsonl(output_dir / LOSS_LOG_NAME)
     steps, losses, skipped = train_loss_curve(rows)
     val_steps, val_losses = val_loss_curve(read_jsonl(output_dir / VAL_LOSS_LOG_NAME))
     (output_dir / LOSS_PLOT_NAME).unlink(missing_ok=True)  # never show a plot left from an older report
@@ -250,7 +251,8 @@ def samples_section(output_dir: Path, config: dict | None) -> str:
     if not grids:
         return "<h2>Samples</h2>" + note("No sample grids yet (samples/step<NNNNNN>-grid.png).")
     config = config or {}
-    prompts = list(config.get("validation_prompts") or [])
+    # A run from before the rename saved its sample prompts as validation_prompts.
+    prompts = list(config.get("sample_prompts", config.get("validation_prompts")) or [])
     if config.get("sample_prompts_file"):
         caption = note(f"Prompts, left to right: the lines of {config['sample_prompts_file']}")
     else:
@@ -309,7 +311,7 @@ def format_cell(cell: str) -> str:
 
 
 def dataset_section(output_dir: Path) -> str:
-    report = read_json(output_dir / "data_report.json")
+    report = read_json(output_dir / DATA_REPORT_NAME)
     if report is None:
         return "<h2>Dataset</h2>" + note("No readable data_report.json.")
     skipped = report.get("skipped") or []
@@ -348,7 +350,7 @@ def write_report(output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ReportError(f"{output_dir} is not a folder; pass the output_dir of a training run")
-    config = read_json(output_dir / "config.json")
+    config = read_json(output_dir / CONFIG_NAME)
     written = datetime.now().strftime("%Y-%m-%d %H:%M")
     sections = [learning_section(output_dir), loss_section(output_dir), samples_section(output_dir, config),
                 metrics_section(output_dir),

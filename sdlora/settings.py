@@ -5,6 +5,7 @@ Each script's constants at the top are its defaults; a flag of the same name ove
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import diffusers
@@ -49,18 +50,60 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# Flags renamed in this release, old name -> new name: the old name still works, with a notice, for one release.
+# Sample images and the held-out (validation) loss used to share the word "validation".
+RENAMED_FLAGS = {
+    "validation_prompts": "sample_prompts",
+    "validation_steps": "sample_steps",
+    "validation_inference_steps": "sample_inference_steps",
+    "validation_guidance_scale": "sample_guidance_scale",
+}
+
+
+def renamed_flag_notice(old: str) -> str:
+    return f"note: --{old} is now --{RENAMED_FLAGS[old]}; the old name goes in the next release"
+
+
+class RenamedFlag(argparse.Action):
+    """An old flag name: says it was renamed, then sets the new name's value."""
+
+    def __init__(self, option_strings, dest, old: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = old
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(renamed_flag_notice(self.old), file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(defaults: dict, description: str) -> argparse.ArgumentParser:
-    """One flag per constant, typed like its default (booleans parse true/false explicitly, tuples take a list)."""
+    """One flag per constant, typed like its default (booleans parse true/false explicitly, tuples take a list);
+    a renamed constant's old flag (RENAMED_FLAGS) sets the new one, with a notice."""
     parser = argparse.ArgumentParser(description=description)
+    old_names = {new: old for old, new in RENAMED_FLAGS.items()}
     for name, value in defaults.items():
         if isinstance(value, bool):  # bare `--flag` means true, as in the diffusers and kohya scripts
-            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=value,
-                                metavar="true|false")
+            kind = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "true|false"}
         elif isinstance(value, tuple):
-            parser.add_argument(f"--{name}", nargs="*", default=value, metavar="VALUE")
+            kind = {"nargs": "*", "metavar": "VALUE"}
         else:
-            parser.add_argument(f"--{name}", type=type(value), default=value)
+            kind = {"type": type(value)}
+        parser.add_argument(f"--{name}", default=value, **kind)
+        if name in old_names:
+            parser.add_argument(f"--{old_names[name]}", dest=name, action=RenamedFlag, old=old_names[name],
+                                default=argparse.SUPPRESS, help=f"old name of --{name}", **kind)
     return parser
+
+
+def resolve_machine_settings(cfg: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `cfg` with `mixed_precision auto` made concrete for this machine (said once, and saved so in
+    config.json and the checkpoints), and TF32 allowed where the GPU has it."""
+    allow_tf32()
+    precision = resolve_precision(cfg.mixed_precision)
+    if precision != cfg.mixed_precision:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        print(f"mixed precision: {cfg.mixed_precision} -> {precision} ({device})")
+    return argparse.Namespace(**dict(vars(cfg), mixed_precision=precision))
 
 
 def check_model_source(name_or_path: str) -> None:

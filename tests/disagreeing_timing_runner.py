@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_lora  # noqa: E402
+from sdlora import loading  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 build_unet = train_lora.trainable_unet
@@ -23,11 +24,11 @@ def disagreeing_timing(dtype):
     return parts, f"rank {RANK}'s timing: {parts}"
 
 
-def recorded_unet(cfg, weight_dtype, device, text_encoder, fp32_parts):
+def recorded_unet(cfg, weight_dtype, fp32_parts):
     (Path(cfg.output_dir) / f"fp32_parts-rank{RANK}.json").write_text(json.dumps(fp32_parts))
-    return build_unet(cfg, weight_dtype, device, text_encoder, fp32_parts)
+    return build_unet(cfg, weight_dtype, fp32_parts)
 
 
-train_lora.fp32_choices = disagreeing_timing
+loading.fp32_choices = disagreeing_timing
 train_lora.trainable_unet = recorded_unet
 train_lora.main(train_lora.parse_config(sys.argv[1:]))

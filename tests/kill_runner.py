@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlora import checkpoints  # noqa: E402
 from sdlora import lora_file  # noqa: E402
+from sdlora import training_log  # noqa: E402
 import train_lora  # noqa: E402
 
 
@@ -35,13 +36,13 @@ def plant_kill(kind: str, step: int, where: str) -> None:
     if kind != "step":
         plant_save_fault(where, f"checkpoint-{step}", die)
         return
-    original_write = train_lora.LossLog.write
+    original_write = training_log.LossLog.write
 
     def write(self, logged_step, *args, **kwargs):
         original_write(self, logged_step, *args, **kwargs)
         if logged_step == step:
             die()
-    train_lora.LossLog.write = write
+    training_log.LossLog.write = write
 
 
 def plant_save_fault(where: str, target: str, fault: Callable[[], None], patch=setattr) -> None:
@@ -81,7 +82,7 @@ def plant_save_fault(where: str, target: str, fault: Callable[[], None], patch=s
         original_rmtree = checkpoints.shutil.rmtree
 
         def rmtree(path, *args, **kwargs):
-            if train_lora.latest_valid_checkpoint(Path(path).parent).name == target:
+            if checkpoints.latest_valid_checkpoint(Path(path).parent).name == target:
                 fault()
             original_rmtree(path, *args, **kwargs)
         patch(checkpoints.shutil, "rmtree", rmtree)
@@ -125,11 +126,11 @@ def main() -> None:
     common = ["--pretrained_model_name_or_path", model_dir, "--dataset_path", dataset, "--resolution", "64",
               "--max_train_steps", "20", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
               "--gradient_accumulation_steps", "2", "--center_crop", "false", "--random_flip", "true",
-              "--learning_rate", "1e-3", "--validation_prompts"]
+              "--learning_rate", "1e-3", "--sample_prompts"]
     statuses = {"reference": run_child(common + ["--output_dir", str(work_dir / "reference")], None), "attempts": []}
     killed = common + ["--output_dir", str(work_dir / "killed")]
     for kill in plan + [None]:
-        has_checkpoint = train_lora.latest_valid_checkpoint(work_dir / "killed") is not None
+        has_checkpoint = checkpoints.latest_valid_checkpoint(work_dir / "killed") is not None
         resume = ["--resume_from_checkpoint", "latest"] if has_checkpoint else []
         statuses["attempts"].append({"kill": kill, "resumed": has_checkpoint, "status": run_child(killed + resume, kill)})
     print(json.dumps(statuses))

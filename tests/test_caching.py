@@ -16,7 +16,7 @@ def run(tiny_model_dir, output_dir, *extra: str):
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", "6", "--checkpointing_steps", "2",
-        "--random_flip", "true", "--learning_rate", "1e-3", "--validation_prompts", *extra])
+        "--random_flip", "true", "--learning_rate", "1e-3", "--sample_prompts", *extra])
     return train_lora.main(cfg)
 
 

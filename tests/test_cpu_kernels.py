@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora import cpu_kernels
-import train_lora
+from sdlora.loading import fp32_parts_here
 from sdlora.checkpoints import STATE_JSON
 from sdlora.cpu_kernels import Float32Conv2d, Float32Linear, use_fp32_kernels
 from sdlora.settings import ConfigError
@@ -113,16 +113,16 @@ def test_the_choice_is_timed_only_on_the_cpu_in_low_precision(monkeypatch, tmp_p
     cpu, none = torch.device("cpu"), {"fp32_attention": False, "fp32_kernels": False}
     monkeypatch.setattr(cpu_kernels, "attention_timings", never_timed)
     monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
-    assert train_lora.fp32_parts_here(None, torch.device("cuda"), torch.bfloat16) == none
-    assert train_lora.fp32_parts_here(None, cpu, torch.float32) == none
+    assert fp32_parts_here(None, torch.device("cuda"), torch.bfloat16) == none
+    assert fp32_parts_here(None, cpu, torch.float32) == none
     saved = {"fp32_attention": True, "fp32_kernels": False}
     (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": saved}))
-    assert train_lora.fp32_parts_here(tmp_path, cpu, torch.bfloat16) == saved
-    assert train_lora.fp32_parts_here(tmp_path, torch.device("cuda"), torch.bfloat16) == none
+    assert fp32_parts_here(tmp_path, cpu, torch.bfloat16) == saved
+    assert fp32_parts_here(tmp_path, torch.device("cuda"), torch.bfloat16) == none
 
     for attention, kernels in (((0.5, 1.0), (1.0, 0.5)), ((0.95, 1.0), (0.5, 1.0)), ((1.5, 1.0), (0.9, 1.0))):
         timings(attention, kernels, monkeypatch)
-        assert train_lora.fp32_parts_here(None, cpu, torch.bfloat16) == {
+        assert fp32_parts_here(None, cpu, torch.bfloat16) == {
             "fp32_attention": attention[0] <= 0.9 * attention[1], "fp32_kernels": kernels[0] <= 0.9 * kernels[1]}
 
 
@@ -132,7 +132,7 @@ def test_a_checkpoint_from_before_attention_was_timed_resumes_with_fp32_attentio
     (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": {"fp32_kernels": False}}))
     monkeypatch.setattr(cpu_kernels, "attention_timings", never_timed)
     monkeypatch.setattr(cpu_kernels, "kernel_timings", never_timed)
-    assert train_lora.fp32_parts_here(tmp_path, torch.device("cpu"), torch.bfloat16) == {
+    assert fp32_parts_here(tmp_path, torch.device("cpu"), torch.bfloat16) == {
         "fp32_attention": True, "fp32_kernels": False}
 
 

@@ -13,11 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import evaluate
-<<<<<<< HEAD
-from conftest import randomize_up
-=======
-from conftest import assert_close_to_scale
->>>>>>> wt-D
+from conftest import assert_close_to_scale, randomize_up
 from lora_diffusion import inject_trainable_lora
 from sdlora.tiny_model import build_tokenizer
 

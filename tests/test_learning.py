@@ -25,7 +25,7 @@ def learned(tmp_path_factory):
         "--pretrained_model_name_or_path", str(SHIPPED_MODEL), "--dataset_path", str(data),
         "--output_dir", str(folder / "run"), *demo.RECIPE, "--max_train_steps", str(TEST_STEPS),
         "--learning_rate", str(TEST_LEARNING_RATE),
-        "--checkpointing_steps", "0", "--validation_steps", "0", "--validation_prompts", "--interop_check", "false",
+        "--checkpointing_steps", "0", "--sample_steps", "0", "--sample_prompts", "--interop_check", "false",
     ]))
     settings = generate.parse_config(["--pretrained_model_name_or_path", str(SHIPPED_MODEL), "--mixed_precision", "no"])
     pipes = {strength: generate.load_pipeline(settings, [(lora_path, strength)] if strength else [])

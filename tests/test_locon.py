@@ -9,11 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train_lora
-<<<<<<< HEAD
-from conftest import REPO_ROOT, randomize_up
-=======
-from conftest import REPO_ROOT, assert_close_to_scale
->>>>>>> wt-D
+from sdlora import loading
+from conftest import REPO_ROOT, assert_close_to_scale, randomize_up
 from sdlora.interop import _a1111_name, check_interop
 from lora_diffusion import CONV_TARGETS, LoRALayer, inject_trainable_lora
 from sdlora.lora_file import fuse_lora_file
@@ -93,7 +90,7 @@ def test_training_with_conv_rank_writes_a_locon_file_that_generate_fuses(tiny_mo
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "3",
-        "--learning_rate", "1e-3", "--validation_steps", "0", "--validation_prompts",
+        "--learning_rate", "1e-3", "--sample_steps", "0", "--sample_prompts",
         "--conv_rank", "4", "--conv_alpha", "2"])
     path = train_lora.main(cfg)
     tensors = load_file(str(path))
@@ -137,7 +134,7 @@ def test_bad_conv_settings_are_refused(tiny_model_dir, tmp_path, flags, message)
 def test_conv_rank_on_a_unet_without_such_convolutions_is_refused(tiny_model_dir, tmp_path, monkeypatch):
     """A UNet with none of the LoCon convolutions (stood in for by targets it lacks) is refused at start, naming
     --conv_rank and the fix, before training."""
-    monkeypatch.setattr(train_lora, "CONV_TARGETS", ("conv_in_a_unet_this_is_not",))
+    monkeypatch.setattr(loading, "CONV_TARGETS", ("conv_in_a_unet_this_is_not",))
     cfg = train_lora.parse_config(["--pretrained_model_name_or_path", str(tiny_model_dir),
                                    "--dataset_path", str(REPO_ROOT / "examples/dataset"), "--resolution", "64",
                                    "--output_dir", str(tmp_path / "out"), "--conv_rank", "4"])

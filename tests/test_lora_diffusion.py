@@ -7,11 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-<<<<<<< HEAD
-from conftest import randomize_up
-=======
-from conftest import assert_close_to_scale
->>>>>>> wt-D
+from conftest import assert_close_to_scale, randomize_up
 from lora_diffusion import LoRALayer, inject_trainable_lora
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError, fuse_lora_file, kohya_name, lora_deltas, read_lora_file
 
@@ -74,7 +70,6 @@ def test_lora_weights_stay_fp32_on_half_base():
     assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize("targets, conv_rank", [(("to_q",), 0), (("proj_in",), 0), (("to_k",), 2)],
                          ids=["linear", "conv1x1", "conv3x3"])
 def test_fused_file_equals_unmerged_network_and_unfusing_restores(tiny_model_dir, unet, unet_inputs, tmp_path,
@@ -91,30 +86,15 @@ def test_fused_file_equals_unmerged_network_and_unfusing_restores(tiny_model_dir
     fused = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
     original = {name: weight.clone() for name, weight in fused.state_dict().items()}
     assert fuse_lora_file(path, fused, None, multiplier=0.7) == len(network.layers)
-    torch.testing.assert_close(unet_output(fused, unet_inputs), unmerged, rtol=1e-5, atol=1e-5)
+    merged = {name: weight.clone() for name, weight in fused.state_dict().items()}
+    # x (W + s up down) against x W + s up(down x): the same sums in two orders, rounding relative to the output's
+    # size on any processor (1e-7 measured); 1e-5 leaves 100x room, and a wrong scale misses by tens of percent.
+    assert_close_to_scale(unet_output(fused, unet_inputs), unmerged, rtol=1e-5)
     fuse_lora_file(path, fused, None, multiplier=-0.7)
     for name, weight in fused.state_dict().items():
-        torch.testing.assert_close(weight, original[name], rtol=0, atol=1e-6)
-=======
-@pytest.mark.parametrize("base", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1)], ids=["linear", "conv1x1"])
-def test_merge_equals_unmerged_and_unmerge_restores(base):
-    """merge() folds the update with the same scale as forward; unmerge() gives the base weight back."""
-    layer = LoRALayer(base, rank=2, alpha=3.0)
-    nn.init.normal_(layer.up.weight)
-    layer.multiplier = 0.7
-    x = torch.randn(2, 6) if isinstance(base, nn.Linear) else torch.randn(2, 6, 3, 3)
-    original_weight = base.weight.detach().clone()
-    unmerged = layer(x)
-    layer.merge()
-    merged_weight = base.weight.detach().clone()
-    # x (W + s up down) against x W + s up(down x): sums of 6 terms in two orders, 1e-7 of the output measured; 1e-5
-    # leaves any processor's order and FMA 100x room, and a wrong scale misses by tens of percent.
-    assert_close_to_scale(layer(x), unmerged, rtol=1e-5)
-    layer.unmerge()
-    # (W + D) - D: two correctly rounded operations, each within half an fp32 ulp (6e-8) of |W + D|, on any processor.
-    assert_close_to_scale(base.weight, original_weight, rtol=2.5e-7, scale=merged_weight.abs().max())
-    assert_close_to_scale(layer(x), unmerged, rtol=1e-5)
->>>>>>> wt-D
+        # (W + D) - D: two correctly rounded operations, each within half an fp32 ulp (6e-8) of |W + D|, on any
+        # processor.
+        assert_close_to_scale(weight, original[name], rtol=2.5e-7, scale=merged[name].abs().max())
 
 
 def test_conv_layer_rejects_grouped_convolutions():

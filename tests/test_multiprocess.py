@@ -43,8 +43,8 @@ def common(tiny_model_dir, output_dir, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path",
             str(REPO_ROOT / "examples" / "dataset"), "--output_dir", str(output_dir), "--resolution", "64",
             "--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--learning_rate", str(LEARNING_RATE),
-            "--random_flip", "true", "--validation_steps", "0", "--validation_prompts", "a cat",
-            "--validation_inference_steps", "2", *extra]
+            "--random_flip", "true", "--sample_steps", "0", "--sample_prompts", "a cat",
+            "--sample_inference_steps", "2", *extra]
 
 
 def torchrun(args: list[str], script: str = "train_lora.py", **kwargs) -> subprocess.Popen:

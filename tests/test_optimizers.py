@@ -23,7 +23,7 @@ def config(tiny_model_dir, output_dir, optimizer: str, *extra: str):
     return train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--train_batch_size", "2", "--validation_steps", "0", "--validation_prompts", "--interop_check", "false",
+        "--train_batch_size", "2", "--sample_steps", "0", "--sample_prompts", "--interop_check", "false",
         "--optimizer", optimizer, "--learning_rate", LEARNING_RATES[optimizer], *extra,
     ])
 

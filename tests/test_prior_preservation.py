@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import train_lora
 from sdlora.files import image_files
+from sdlora.training_samples import training_prompts
 from conftest import shaped_dataset
 from dataset import BucketBatchSampler
 from sdlora.settings import ConfigError
@@ -19,8 +20,8 @@ def config(tiny_model_dir, tmp_path, *extra: str):
     return train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(instances),
         "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "4",
-        "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--validation_prompts",
-        "--validation_inference_steps", "2", "--interop_check", "false", *extra])
+        "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--sample_prompts",
+        "--sample_inference_steps", "2", "--interop_check", "false", *extra])
 
 
 def test_class_batches_follow_instance_batches_and_carry_the_prior_weight():
@@ -59,7 +60,7 @@ def test_missing_class_images_are_generated_once_and_reused(tiny_model_dir, tmp_
     assert {p: p.stat().st_mtime_ns for p in image_files(classes)} == stamps
     report = (tmp_path / "out" / "data_report.json").read_text(encoding="utf-8")
     assert '"class_images": 3' in report and '"training": 3' in report
-    assert [prompt.prompt for prompt in train_lora.sample_prompts(cfg)] == ["a photo of a cat"]  # base vs LoRA
+    assert [prompt.prompt for prompt in training_prompts(cfg)] == ["a photo of a cat"]  # base vs LoRA
 
 
 def test_a_vanishing_prior_weight_trains_the_instance_lora(tiny_model_dir, tmp_path):

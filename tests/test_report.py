@@ -29,7 +29,7 @@ def make_fake_run(folder: Path) -> Path:
     """A run folder as train_lora.py leaves it (plus a validation loss log and a metrics table), with a resume."""
     folder.mkdir(parents=True)
     config = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-4, "output_dir": str(folder),
-              "validation_prompts": ["a photo of sks dog", "sks dog <b>on</b> a beach"]}
+              "sample_prompts": ["a photo of sks dog", "sks dog <b>on</b> a beach"]}
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     data_report = {"dataset_path": "my_dog", "usable": 11, "skipped_count": 1,
                    "skipped": [{"file": "broken.jpg", "reason": "truncated JPEG"}], "notes": {"converted to RGB": 2}}
@@ -130,6 +130,16 @@ def test_report_shows_each_file_of_the_run_with_grids_in_step_order(fake_run):
     assert source.index("samples/step000000-grid.png") < source.index("samples/step000010-grid.png")
     assert "step 0 (base model, before training)" in text and "step 10" in text
     assert "step000000-00.png" not in source, "only the grids are shown, not every single sample"
+
+
+def test_a_run_from_before_the_rename_still_shows_its_sample_prompts(fake_run):
+    """A run folder written before sample_prompts was renamed saved the prompts as validation_prompts."""
+    config_path = fake_run / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["validation_prompts"] = config.pop("sample_prompts")
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    text = " ".join(" ".join(parse(report.write_report(fake_run)).text).split())
+    assert "Prompts, left to right: a photo of sks dog | sks dog <b>on</b> a beach" in text
 
 
 def test_loss_plot_is_a_nonblank_png_of_the_stated_size_with_the_validation_curve(fake_run):

@@ -13,13 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora import checkpoints
+from sdlora import checkpoints, loading, training_step
 import lora_diffusion
 import train_lora
 from conftest import REPO_ROOT
 from kill_runner import plant_save_fault
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.settings import ConfigError
+from sdlora.stopping import TrainingStopped
 
 KILL_PLAN = [  # 20 kills at set points of a 20-step run (checkpoints every 2 steps, 9 inside a save), then 2 timed
     ["step", 1, ""],  # before the first checkpoint: the next attempt starts afresh
@@ -106,7 +107,7 @@ def short_run(tiny_model_dir, output_dir, *extra: str):
     return train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--checkpoints_total_limit", "0", "--validation_prompts", *extra])
+        "--checkpoints_total_limit", "0", "--sample_prompts", *extra])
 
 
 @pytest.mark.parametrize("where", ["before_write", "mid_write", "before_rename", "before_manifest"])
@@ -153,14 +154,14 @@ def test_resume_with_other_settings_or_data_is_refused_listing_differences(tiny_
 
 def nan_loss_at(monkeypatch, bad_calls) -> None:
     """Make diffusion_loss return NaN (keeping the graph) on the given 1-based call numbers."""
-    original = train_lora.diffusion_loss
+    original = training_step.diffusion_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
         calls["n"] += 1
         value = original(*args, **kwargs)
         return value * float("nan") if calls["n"] in bad_calls else value
-    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
+    monkeypatch.setattr(training_step, "diffusion_loss", loss)
 
 
 def test_one_nan_step_is_skipped_and_logged(tiny_model_dir, tmp_path, monkeypatch):
@@ -177,7 +178,7 @@ def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, 
     writes no final file, and prints the command that resumes."""
     nan_loss_at(monkeypatch, set(range(5, 100)))
     cfg = short_run(tiny_model_dir, tmp_path, "--max_train_steps", "20", "--max_nonfinite_steps", "3")
-    with pytest.raises(train_lora.TrainingStopped) as stopped:
+    with pytest.raises(TrainingStopped) as stopped:
         train_lora.main(cfg)
     assert stopped.value.exit_code != 0
     assert "3 non-finite steps in a row" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
@@ -201,7 +202,7 @@ def test_stop_request_during_a_skipped_step_stops_at_that_step(tiny_model_dir, t
     import os
     import signal
 
-    original = train_lora.diffusion_loss
+    original = training_step.diffusion_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -210,8 +211,8 @@ def test_stop_request_during_a_skipped_step_stops_at_that_step(tiny_model_dir, t
             os.kill(os.getpid(), signal.SIGTERM)
             return original(*args, **kwargs) * float("nan")
         return original(*args, **kwargs)
-    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
-    with pytest.raises(train_lora.TrainingStopped, match="at step 2"):
+    monkeypatch.setattr(training_step, "diffusion_loss", loss)
+    with pytest.raises(TrainingStopped, match="at step 2"):
         train_lora.main(short_run(tiny_model_dir, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "0"))
     assert [c.name for c in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2"]
 
@@ -242,7 +243,7 @@ def test_sigterm_saves_at_step_boundary_and_prints_resume_command(tiny_model_dir
     import os
     import signal
 
-    original = train_lora.diffusion_loss
+    original = training_step.diffusion_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -250,9 +251,9 @@ def test_sigterm_saves_at_step_boundary_and_prints_resume_command(tiny_model_dir
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
-    monkeypatch.setattr(train_lora, "diffusion_loss", loss)
+    monkeypatch.setattr(training_step, "diffusion_loss", loss)
     cfg = short_run(tiny_model_dir, tmp_path / "stopped", "--max_train_steps", "6")
-    with pytest.raises(train_lora.TrainingStopped) as stopped:
+    with pytest.raises(TrainingStopped) as stopped:
         train_lora.main(cfg)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert "python train_lora.py" in str(stopped.value) and "--resume_from_checkpoint latest" in str(stopped.value)
@@ -304,7 +305,7 @@ def test_strict_data_refuses_before_the_model_loads(tiny_model_dir, tmp_path, mo
 
     data = make_planted_dataset(tmp_path / "data")
     monkeypatch.setattr(train_lora, "load_encoders", lambda *a: pytest.fail("no model may load"))
-    monkeypatch.setattr(train_lora, "load_unet", lambda *a: pytest.fail("no model may load"))
+    monkeypatch.setattr(loading, "load_unet", lambda *a: pytest.fail("no model may load"))
     with pytest.raises(DatasetError, match="strict checking is on"):
         train_lora.main(short_run(tiny_model_dir, tmp_path / "out", "--dataset_path", str(data),
                                   "--strict_data", "true"))
@@ -333,13 +334,13 @@ def test_grad_scaler_state_survives_a_checkpoint(unet, tmp_path):
 
 def test_logged_loss_is_the_mean_over_the_accumulation_window(tiny_model_dir, tmp_path, monkeypatch):
     """With gradient_accumulation_steps 2 each logged step loss is the mean of its two micro-batch losses."""
-    original, micro = train_lora.diffusion_loss, []
+    original, micro = training_step.diffusion_loss, []
 
     def recording_loss(*args, **kwargs):
         value = original(*args, **kwargs)
         micro.append(value.item())
         return value
-    monkeypatch.setattr(train_lora, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(training_step, "diffusion_loss", recording_loss)
     train_lora.main(short_run(tiny_model_dir, tmp_path, "--gradient_accumulation_steps", "2"))
     logged = [json.loads(line)["loss"] for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
     assert len(micro) == 8 and micro[0] != micro[1]

@@ -9,6 +9,10 @@ from safetensors.torch import load_file
 from sdlora import sampling
 import train_lora
 from conftest import REPO_ROOT
+from sdlora.loading import NO_FP32_PARTS, load_encoders, load_text_encoder
+from sdlora.preflight import held_out_dataset
+from sdlora.training_data import make_dataset
+from sdlora.validation import ValidationSet, validation_loss
 from sdlora.sampling import PromptFileError, SamplePrompt, parse_prompt_line, read_prompts_file
 
 DEFAULTS = SamplePrompt("", seed=10, steps=25, guidance_scale=7.5, width=512, height=512)
@@ -47,13 +51,13 @@ def run(tiny_model_dir, output_dir, *extra):
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--learning_rate", "1e-3", "--validation_steps", "2", "--validation_inference_steps", "2", *extra])
+        "--learning_rate", "1e-3", "--sample_steps", "2", "--sample_inference_steps", "2", *extra])
     return train_lora.main(cfg)
 
 
 def test_prompts_file_samples_at_step_zero_and_every_n_steps(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """With a prompts file the run draws every prompt at step 0 (base model), every validation_steps and at the
-    end, at each line's own size; the validation split gives a loss at 0, at each checkpoint and at the end,
+    """With a prompts file the run draws every prompt at step 0 (base model), every sample_steps and at the
+    end, at each line's own size; the validation split gives a loss at 0, every validation_loss_steps and at the end,
     and the summary names the best checkpoint. A last step that falls on the schedule is sampled and
     validated once, not twice."""
     sampled_steps = []
@@ -65,7 +69,8 @@ def test_prompts_file_samples_at_step_zero_and_every_n_steps(tiny_model_dir, tmp
     monkeypatch.setattr(train_lora, "save_samples", counting_save_samples)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat --w 64 --h 128 --m 0\na rocket --d 3\n", encoding="utf-8")
-    run(tiny_model_dir, tmp_path / "out", "--sample_prompts_file", str(prompts), "--validation_split", "0.25")
+    run(tiny_model_dir, tmp_path / "out", "--sample_prompts_file", str(prompts), "--validation_split", "0.25",
+        "--validation_loss_steps", "2")
     samples = tmp_path / "out" / "samples"
     for step in (0, 2, 4):
         assert (samples / f"step{step:06d}-grid.png").is_file()
@@ -94,10 +99,10 @@ def test_validation_loss_is_bitwise_repeatable_and_moves_with_the_weights(tiny_m
     def autocast():
         return torch.autocast("cpu", enabled=False)
 
-    first = train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
-    assert first == train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
+    first = validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
+    assert first == validation_loss(latents, embeddings, unet, scheduler, 42, autocast)
     torch.nn.init.normal_(network.parameters()[1])
-    assert train_lora.validation_loss(latents, embeddings, unet, scheduler, 42, autocast) != first
+    assert validation_loss(latents, embeddings, unet, scheduler, 42, autocast) != first
 
 
 def test_validation_loss_sees_the_text_encoder_lora(tiny_model_dir, tmp_path):
@@ -112,21 +117,21 @@ def test_validation_loss_sees_the_text_encoder_lora(tiny_model_dir, tmp_path):
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "4",
-        "--checkpointing_steps", "0", "--validation_steps", "0", "--validation_prompts", "--learning_rate", "1e-3",
+        "--checkpointing_steps", "0", "--sample_steps", "0", "--sample_prompts", "--learning_rate", "1e-3",
         "--train_text_encoder", "--text_encoder_lr", "3e-2", "--validation_split", "0.25"])
     final = train_lora.main(cfg)
     logged = json.loads((tmp_path / "out" / "val_loss_log.jsonl").read_text().splitlines()[-1])
     assert logged["step"] == 4
 
-    held_out = train_lora.held_out_dataset(cfg, train_lora.make_dataset(cfg, cfg.dataset_path))
-    tokenizer, base_encoder, vae, scheduler = train_lora.load_encoders(str(tiny_model_dir), torch.float32)
-    trained_encoder = train_lora.load_text_encoder(str(tiny_model_dir), torch.float32)
+    held_out = held_out_dataset(cfg, make_dataset(cfg, cfg.dataset_path))
+    tokenizer, base_encoder, vae, scheduler = load_encoders(str(tiny_model_dir), torch.float32, NO_FP32_PARTS)
+    trained_encoder = load_text_encoder(str(tiny_model_dir), torch.float32)
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     fuse_lora_file(final, unet, trained_encoder, 1.0)
     losses = {}
     for name, encoder in (("trained", trained_encoder), ("base", base_encoder)):
-        data = train_lora.ValidationSet(held_out, vae, tokenizer, encoder, vae.config.scaling_factor, False)
-        losses[name] = train_lora.validation_loss(data.latents, data.embeddings(None), unet, scheduler, cfg.seed,
+        data = ValidationSet(held_out, vae, tokenizer, encoder, vae.config.scaling_factor, False)
+        losses[name] = validation_loss(data.latents, data.embeddings(None), unet, scheduler, cfg.seed,
                                                   nullcontext)
     # Relative to the loss (near 1): fused weights against the LoRA path round differently by ~1e-6 of a UNet's
     # output (equal here); the base encoder's loss differs by 7e-3, so 1e-5 and 1e-3 keep the two apart.
@@ -140,7 +145,7 @@ def test_sampling_failure_never_stops_training(tiny_model_dir, tmp_path, monkeyp
         raise RuntimeError("out of memory while sampling")
 
     monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", broken_pipeline_call)
-    final = run(tiny_model_dir, tmp_path / "out", "--validation_prompts", "a cat", "--mixed_precision", "bf16")
+    final = run(tiny_model_dir, tmp_path / "out", "--sample_prompts", "a cat", "--mixed_precision", "bf16")
     assert "sampling at step 0 failed; training goes on" in caplog.text and "out of memory" in caplog.text
     assert all(t.dtype == torch.float32 for t in load_file(str(final)).values())
     assert (tmp_path / "out" / "checkpoint-4").is_dir()

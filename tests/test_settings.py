@@ -25,6 +25,39 @@ def test_a_boolean_flag_with_a_word_that_is_not_true_or_false_is_refused(capsys)
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("old, new, values, expected", [
+    ("validation_prompts", "sample_prompts", ["a", "b c"], ("a", "b c")),
+    ("validation_steps", "sample_steps", ["7"], 7),
+    ("validation_inference_steps", "sample_inference_steps", ["3"], 3),
+    ("validation_guidance_scale", "sample_guidance_scale", ["2.5"], 2.5),
+])
+def test_an_old_flag_name_sets_the_new_setting_with_a_notice(capsys, old, new, values, expected):
+    """A flag renamed in this release still works for one release: it sets the new name and says so in one line."""
+    cfg = train_lora.parse_config([f"--{old}", *values])
+    assert getattr(cfg, new) == expected and not hasattr(cfg, old)
+    assert capsys.readouterr().err == f"note: --{old} is now --{new}; the old name goes in the next release\n"
+
+
+def test_the_held_out_loss_has_its_own_cadence():
+    """validation_loss_steps is apart from sample_steps and checkpointing_steps, and does not define the run."""
+    cfg = train_lora.parse_config(["--sample_steps", "3", "--validation_loss_steps", "5"])
+    assert (cfg.sample_steps, cfg.validation_loss_steps, cfg.checkpointing_steps) == (3, 5, 500)
+    assert "validation_loss_steps" not in train_lora.RUN_DEFINING
+
+
+def test_a_checkpoint_saved_under_old_setting_names_still_resumes(tmp_path):
+    """A checkpoint written before a rename names the setting the old way; the comparison maps it to the new name."""
+    import json
+
+    from sdlora.checkpoints import STATE_JSON, check_resume_matches
+
+    (tmp_path / STATE_JSON).write_text(json.dumps({"run_identity": {"validation_steps": 7, "rank": 4},
+                                                   "dataset_fingerprint": "f"}))
+    check_resume_matches(tmp_path, {"sample_steps": 7, "rank": 4}, "f", allow_changes=False)
+    with pytest.raises(settings.ConfigError, match="sample_steps: checkpoint 7, now 8"):
+        check_resume_matches(tmp_path, {"sample_steps": 8, "rank": 4}, "f", allow_changes=False)
+
+
 def test_generate_flags_follow_the_same_convention():
     """generate.py's flags are built the same way: a flag per constant, typed like its default."""
     cfg = generate.parse_config(["--num_images", "2", "--guidance_scale", "3.5"])
@@ -51,7 +84,7 @@ def test_training_records_the_precision_auto_chose(tiny_model_dir, tmp_path, cap
 
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
-        "--output_dir", str(tmp_path), "--resolution", "64", "--max_train_steps", "1", "--validation_prompts"])
+        "--output_dir", str(tmp_path), "--resolution", "64", "--max_train_steps", "1", "--sample_prompts"])
     train_lora.main(cfg)
     assert "mixed precision: auto -> no (no GPU)" in capsys.readouterr().out
     assert json.loads((tmp_path / "config.json").read_text())["mixed_precision"] == "no"

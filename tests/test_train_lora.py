@@ -11,9 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora import attention
-from sdlora import cpu_kernels
+from sdlora import cpu_kernels, loading
 import train_lora
 from sdlora.checkpoints import STATE_JSON
+from sdlora.loading import load_unet
+from sdlora.training_step import SampleRandomness, diffusion_loss
 from conftest import REPO_ROOT, assert_close_to_scale
 from sdlora.settings import ConfigError
 
@@ -24,17 +26,17 @@ def config(tiny_model_dir, output_dir, *extra: str):
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(REPO_ROOT / "examples/dataset"),
         "--output_dir", str(output_dir), "--resolution", "64", "--rank", "4", "--alpha", "2",
         "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--validation_steps", "0",
-        "--validation_inference_steps", "2", "--center_crop", "false", "--random_flip", "true", *extra,
+        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--sample_steps", "0",
+        "--sample_inference_steps", "2", "--center_crop", "false", "--random_flip", "true", *extra,
     ])
 
 
 def test_flags_override_constants_and_booleans_parse_explicitly():
     """Every constant has a same-named flag; 'false' really means False; untouched constants keep their value."""
     cfg = train_lora.parse_config(["--learning_rate", "5e-5", "--center_crop", "false", "--rank", "16",
-                                   "--validation_prompts", "a", "b c"])
+                                   "--sample_prompts", "a", "b c"])
     assert cfg.learning_rate == 5e-5 and cfg.center_crop is False and cfg.rank == 16
-    assert cfg.validation_prompts == ("a", "b c")
+    assert cfg.sample_prompts == ("a", "b c")
     assert cfg.alpha == train_lora.alpha and cfg.output_dir == train_lora.output_dir
     assert set(train_lora.CONFIG_NAMES) >= {"pretrained_model_name_or_path", "resolution", "train_batch_size",
                                             "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
@@ -55,6 +57,7 @@ def test_flags_override_constants_and_booleans_parse_explicitly():
     (["--optimizer", "prodigy"], "set --learning_rate 1.0"),
     (["--lora_targets", "everything"], "--lora_targets 'everything'"),
     (["--caption_dropout", "1.5"], "--caption_dropout 1.5"),
+    (["--validation_loss_steps", "-2"], "--validation_loss_steps -2: step counts"),
 ])
 def test_bad_settings_are_refused_naming_the_option(tiny_model_dir, tmp_path, flags, message):
     """A setting that cannot work is refused before anything is written, naming the flag."""
@@ -101,7 +104,7 @@ def test_user_mistake_prints_one_line_without_traceback(tmp_path):
 def reference_run(tiny_model_dir, tmp_path_factory):
     """One uninterrupted 6-step run (checkpoints every 2 steps, last 2 kept), with samples at the end."""
     output = tmp_path_factory.mktemp("reference")
-    cfg = config(tiny_model_dir, output, "--validation_prompts", "a photo of a cat")
+    cfg = config(tiny_model_dir, output, "--sample_prompts", "a photo of a cat")
     return train_lora.main(cfg), output
 
 
@@ -135,7 +138,7 @@ def test_resume_from_checkpoint_finishes_bitwise_identical(reference_run, tiny_m
     resumed_output = tmp_path / "resumed"
     resumed_output.mkdir()
     shutil.copytree(output / "checkpoint-4", resumed_output / "checkpoint-4")
-    cfg = config(tiny_model_dir, resumed_output, "--resume_from_checkpoint", "latest", "--validation_prompts")
+    cfg = config(tiny_model_dir, resumed_output, "--resume_from_checkpoint", "latest", "--sample_prompts")
     resumed = load_file(str(train_lora.main(cfg)))
     reference = load_file(str(final))
     assert resumed.keys() == reference.keys()
@@ -145,7 +148,7 @@ def test_resume_from_checkpoint_finishes_bitwise_identical(reference_run, tiny_m
 def test_two_runs_with_the_same_seed_are_identical(reference_run, tiny_model_dir, tmp_path):
     """Same seed, same data, same config: bitwise identical LoRA files."""
     final, _ = reference_run
-    again = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "again", "--validation_prompts"))))
+    again = load_file(str(train_lora.main(config(tiny_model_dir, tmp_path / "again", "--sample_prompts"))))
     assert all(torch.equal(again[k], v) for k, v in load_file(str(final)).items())
 
 
@@ -158,7 +161,7 @@ def test_bf16_with_text_encoder_lora_trains_fp32_weights(tiny_model_dir, tmp_pat
     monkeypatch.setattr(cpu_kernels, "use_fp32_attention",
                         lambda unet: upcast.append(attention.use_fp32_attention(unet)))
     cfg = config(tiny_model_dir, tmp_path / "bf16", "--mixed_precision", "bf16", "--train_text_encoder", "true",
-                 "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_prompts")
+                 "--max_train_steps", "2", "--checkpointing_steps", "0", "--sample_prompts")
     tensors = load_file(str(train_lora.main(cfg)))
     assert len(upcast) == 3 and upcast[:2] == [0, 0] and upcast[2] > 0  # the VAE's and text encoder's are no plain SD
     # attention layers, so only the UNet's change
@@ -175,7 +178,7 @@ def test_bf16_on_a_cpu_with_slow_bf16_kernels_resumes_with_the_runs_kernel_choic
     monkeypatch.setattr(cpu_kernels, "MIN_POSITIONS", 0)
     monkeypatch.setattr(cpu_kernels, "attention_timings", lambda dtype: (0.5, 1.0))
     monkeypatch.setattr(cpu_kernels, "kernel_timings", lambda dtype: (0.5, 1.0))
-    flags = ("--mixed_precision", "bf16", "--max_train_steps", "4", "--validation_prompts")
+    flags = ("--mixed_precision", "bf16", "--max_train_steps", "4", "--sample_prompts")
     uninterrupted = tmp_path / "uninterrupted"
     reference = load_file(str(train_lora.main(config(tiny_model_dir, uninterrupted, *flags))))
     state = json.loads((uninterrupted / "checkpoint-2" / STATE_JSON).read_text())
@@ -222,9 +225,9 @@ def test_the_vae_and_text_encoder_get_the_unets_timed_choice(tiny_model_dir, tmp
         cpu_kernels.use_fp32_choices(model, choices)
         fp32_layers = sum(type(m) in (cpu_kernels.Float32Conv2d, cpu_kernels.Float32Linear) for m in model.modules())
         given[type(model).__name__] = (choices, fp32_layers)
-    monkeypatch.setattr(train_lora, "use_fp32_choices", recorded)
+    monkeypatch.setattr(loading, "use_fp32_choices", recorded)
     train_lora.main(config(tiny_model_dir, tmp_path / "out", "--mixed_precision", "bf16", "--max_train_steps", "1",
-                           "--checkpointing_steps", "0", "--validation_prompts"))
+                           "--checkpointing_steps", "0", "--sample_prompts"))
     chosen = {"fp32_attention": True, "fp32_kernels": True}
     assert set(given) == {"AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"}
     assert all(choices == chosen and fp32_layers > 0 for choices, fp32_layers in given.values()), given
@@ -232,7 +235,7 @@ def test_the_vae_and_text_encoder_get_the_unets_timed_choice(tiny_model_dir, tmp
 
 def replayed(items: list[int], draws) -> list:
     """Re-create SampleRandomness's per-sample generators and make each sample's draws in order."""
-    generators = train_lora.SampleRandomness(0, 0, torch.tensor(items), torch.device("cpu")).generators
+    generators = SampleRandomness(0, 0, torch.tensor(items), torch.device("cpu")).generators
     return [draws(g) for g in generators]
 
 
@@ -250,8 +253,8 @@ def test_loss_target_is_velocity_for_v_prediction():
     for prediction_type in ("epsilon", "v_prediction"):
         scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear",
                                   beta_start=0.00085, beta_end=0.012)
-        randomness = train_lora.SampleRandomness(0, 0, torch.tensor([5, 9]), torch.device("cpu"))
-        loss = train_lora.diffusion_loss(latents, states, zero_unet, scheduler, randomness)
+        randomness = SampleRandomness(0, 0, torch.tensor([5, 9]), torch.device("cpu"))
+        loss = diffusion_loss(latents, states, zero_unet, scheduler, randomness)
         draws = replayed([5, 9], lambda g: (torch.randn(4, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g)))
         noise = torch.stack([n for n, _ in draws])
         assert torch.equal(seen["t"], torch.cat([t for _, t in draws]))
@@ -263,8 +266,8 @@ def test_loss_target_is_velocity_for_v_prediction():
 
 def test_sample_randomness_does_not_depend_on_batch_composition():
     """A sample's draws depend on (seed, step, item) only: alone or in a batch, it gets the same noise."""
-    together = train_lora.SampleRandomness(3, 7, torch.tensor([4, 11]), torch.device("cpu")).randn((2, 3), torch.float32)
-    alone = train_lora.SampleRandomness(3, 7, torch.tensor([11]), torch.device("cpu")).randn((2, 3), torch.float32)
+    together = SampleRandomness(3, 7, torch.tensor([4, 11]), torch.device("cpu")).randn((2, 3), torch.float32)
+    alone = SampleRandomness(3, 7, torch.tensor([11]), torch.device("cpu")).randn((2, 3), torch.float32)
     assert torch.equal(together[1], alone[0]) and not torch.equal(together[0], together[1])
 
 def test_new_run_refuses_to_overwrite_an_earlier_run(reference_run, tiny_model_dir):
@@ -282,7 +285,7 @@ def test_unet_read_straight_into_its_dtype_equals_from_pretrained(tiny_model_dir
     from_pretrained gives: the same tensors bitwise, in the same dtype, frozen and in eval mode."""
     from diffusers import UNet2DConditionModel
 
-    streamed = train_lora.load_unet(str(tiny_model_dir), dtype)
+    streamed = load_unet(str(tiny_model_dir), dtype)
     reference = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet", dtype=dtype)
     ours, theirs = streamed.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_lora
+from sdlora.run_files import EMA_FILE_NAME
+from sdlora.training_step import SampleRandomness, diffusion_loss, min_snr_weights
 from conftest import REPO_ROOT, assert_close_to_scale, shaped_dataset
 from dataset import BucketBatchSampler, CustomDataset, bucket_size
 from sdlora.ema import Ema
@@ -16,7 +18,7 @@ def run(tiny_model_dir, output_dir, dataset_path, *extra):
     cfg = train_lora.parse_config([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path", str(dataset_path),
         "--output_dir", str(output_dir), "--resolution", "128", "--max_train_steps", "6",
-        "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--validation_prompts", *extra])
+        "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--sample_prompts", *extra])
     return train_lora.main(cfg)
 
 
@@ -122,9 +124,9 @@ def test_min_snr_weights_equal_the_formula():
     expected_v = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
     # Per-element relative: every weight is positive and at least 5 / SNR_max, so each element's own size is its
     # scale. Elementwise arithmetic rounds alike on every processor (7e-10 from float64 measured); 1e-5 allowed.
-    torch.testing.assert_close(train_lora.min_snr_weights(scheduler, timesteps, 5.0, False).double(), expected_eps,
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0, False).double(), expected_eps,
                                rtol=1e-5, atol=0)
-    torch.testing.assert_close(train_lora.min_snr_weights(scheduler, timesteps, 5.0, True).double(), expected_v,
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0, True).double(), expected_v,
                                rtol=1e-5, atol=0)
     assert expected_eps[-1] == 1.0 and expected_eps[0] < 1.0  # noisy steps untouched, easy steps damped
 
@@ -140,9 +142,9 @@ def test_noise_offset_adds_a_per_channel_constant():
         seen["noisy"], seen["t"] = noisy, timesteps
         return type("Out", (), {"sample": torch.zeros_like(noisy)})()
 
-    randomness = train_lora.SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu"))
-    train_lora.diffusion_loss(latents, states, spy_unet, scheduler, randomness, 0.0, 0.1)
-    fresh = train_lora.SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu")).generators
+    randomness = SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu"))
+    diffusion_loss(latents, states, spy_unet, scheduler, randomness, 0.0, 0.1)
+    fresh = SampleRandomness(0, 0, torch.tensor([0, 1]), torch.device("cpu")).generators
     noise = torch.stack([torch.randn(4, 8, 8, generator=g) + 0.1 * torch.randn(4, 1, 1, generator=g) for g in fresh])
     expected = scheduler.add_noise(latents, noise, seen["t"])
     # The same elementwise formula (equal here); an FMA where the code fuses a multiply-add rounds once less.
@@ -186,7 +188,7 @@ def test_ema_starts_from_the_resumed_weights(tiny_model_dir, tmp_path):
     run(tiny_model_dir, tmp_path / "resumed", data, "--ema_decay", "0.999", "--resume_from_checkpoint", "latest",
         "--resume_despite_changes", "true")
     live = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
-    ema = load_file(str(tmp_path / "resumed" / train_lora.EMA_FILE_NAME))
+    ema = load_file(str(tmp_path / "resumed" / EMA_FILE_NAME))
     assert any(live[k].abs().sum() > 0 for k in live if "lora_up" in k)
     assert all(torch.equal(ema[k], live[k]) for k in live)
 
@@ -197,12 +199,12 @@ def test_ema_file_is_written_and_survives_resume(tiny_model_dir, tmp_path):
     data = REPO_ROOT / "examples" / "dataset"
     run(tiny_model_dir, tmp_path / "ref", data, "--ema_decay", "0.9")
     live = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
-    ema = load_file(str(tmp_path / "ref" / train_lora.EMA_FILE_NAME))
+    ema = load_file(str(tmp_path / "ref" / EMA_FILE_NAME))
     assert ema.keys() == live.keys() and any(not torch.equal(ema[k], live[k]) for k in live)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "ref" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     run(tiny_model_dir, tmp_path / "resumed", data, "--ema_decay", "0.9", "--resume_from_checkpoint", "latest")
-    resumed = load_file(str(tmp_path / "resumed" / train_lora.EMA_FILE_NAME))
+    resumed = load_file(str(tmp_path / "resumed" / EMA_FILE_NAME))
     assert all(torch.equal(resumed[k], ema[k]) for k in ema)
 
 
