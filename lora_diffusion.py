@@ -19,7 +19,7 @@ from torch import nn
 
 from sdlora.lora_file import (
     LORA_FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
-    our_path, parse_lora_tensors, read_lora_file, write_lora_file,
+    our_path, parse_lora_tensors, rank_alpha_header, read_lora_file, write_lora_file,
 )
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -149,9 +149,9 @@ class LoRANetwork:
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the LoRA file; `metadata` (strings) is added to rank, alpha, targets and the format version."""
-        header = {"rank": str(self.rank), "alpha": str(self.alpha), "targets": ",".join(self.targets),
-                  "format_version": LORA_FORMAT_VERSION, "ss_network_module": "networks.lora",
-                  "ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha)}
+        header = rank_alpha_header(self.rank, self.alpha) | {
+            "targets": ",".join(self.targets), "format_version": LORA_FORMAT_VERSION,
+            "ss_network_module": "networks.lora"}
         if self.conv_rank:  # kohya's network_args, which its tools read back to rebuild a LoCon network
             header |= {"conv_rank": str(self.conv_rank), "conv_alpha": str(self.conv_alpha),
                        "ss_network_args": json.dumps({"conv_dim": str(self.conv_rank),

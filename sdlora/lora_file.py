@@ -318,14 +318,17 @@ def _peft_adapter_metadata(modules: LoRAModules) -> dict:
     return flat
 
 
+def rank_alpha_header(rank: int | str, alpha: float | str) -> dict[str, str]:
+    """`rank` / `alpha` and kohya's `ss_network_dim` / `ss_network_alpha`, which A1111 shows in its LoRA card."""
+    return {"rank": str(rank), "alpha": str(alpha), "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+
+
 def rank_alpha_metadata(modules: LoRAModules) -> dict[str, str]:
-    """`rank` / `alpha` and kohya's `ss_network_dim` / `ss_network_alpha`: the value every module shares, else
-    "dynamic" (kohya's word for per-module ranks)."""
+    """rank_alpha_header of the value every module shares, else "dynamic" (kohya's word for per-module ranks)."""
     ranks = {m.rank for m in modules.values()}
     alphas = {m.alpha for m in modules.values()}
-    rank = str(ranks.pop()) if len(ranks) == 1 else "dynamic"
-    alpha = str(alphas.pop()) if len(alphas) == 1 else "dynamic"
-    return {"rank": rank, "alpha": alpha, "ss_network_dim": rank, "ss_network_alpha": alpha}
+    return rank_alpha_header(ranks.pop() if len(ranks) == 1 else "dynamic",
+                             alphas.pop() if len(alphas) == 1 else "dynamic")
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
