@@ -357,7 +357,7 @@ def write_report(output_dir: str | Path) -> Path:
                 dataset_section(output_dir), config_section(config)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>LoRA run {esc(output_dir.name)}'
             f"</title><style>{STYLE}</style></head><body><h1>LoRA run: {esc(output_dir.name)}</h1>"
-            f'{note(f"Report written {written} by evaluate.py report.")}'
+            f'{note(f"Report written {written}; python evaluate.py report on this folder rewrites it.")}'
             + "".join(f"<section>{section}</section>" for section in sections if section) + "</body></html>\n")
     path = output_dir / REPORT_NAME
     path.write_text(page, encoding="utf-8")
