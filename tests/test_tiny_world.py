@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import pretrain_tiny
 from sdlora import tiny_world
@@ -31,6 +31,59 @@ def test_classifier_reads_every_concept_off_drawn_pictures():
         wrong += sum(seen[name] != getattr(picture, name) for name in ("shape", "colour", "background", "size"))
         total += 4
     assert wrong / total <= 0.01
+
+
+@pytest.mark.parametrize("lab1, lab2, expected", [
+    ((50.0, 2.6772, -79.7751), (50.0, 0.0, -82.7485), 2.0425),  # pair 1
+    ((50.0, 0.0, 0.0), (50.0, -1.0, 2.0), 2.3669),  # pair 7: one colour achromatic
+    ((50.0, 2.49, -0.001), (50.0, -2.49, 0.0009), 7.1792),  # pair 13: mean hue across 0 degrees
+    ((50.0, 2.5, 0.0), (73.0, 25.0, -18.0), 27.1492),  # pair 17: a large difference
+    ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),  # pair 25
+    ((2.0776, 0.0795, -1.1350), (0.9033, -0.0636, -0.5514), 0.9082),  # pair 34: near black
+])
+def test_ciede2000_reproduces_sharma_wu_dalal_test_pairs(lab1, lab2, expected):
+    """CIEDE2000 matches the published test data of Sharma, Wu & Dalal (2005, Table 1) to 1e-4, both ways round."""
+    for first, second in ((lab1, lab2), (lab2, lab1)):
+        assert abs(float(tiny_world.ciede2000(np.array(first), np.array(second))) - expected) < 1e-4
+
+
+def test_reader_reads_clean_drawings_of_every_known_shape():
+    """Every known shape (held-out ones included), drawn 6 times at each size in random places and colours, is read
+    as itself: its outline overlaps its own prototype by IoU >= SHAPE_WITHIN_IOU (0.7) and best."""
+    rng = random.Random(4)
+    for shape in tiny_world.PROTOTYPE_SHAPES:
+        for size in tiny_world.SIZES:
+            for _ in range(6):
+                picture = tiny_world.Picture(shape, rng.choice(tuple(tiny_world.ALL_COLOURS)),
+                                             rng.choice(tuple(tiny_world.BACKGROUNDS)), size)
+                seen = tiny_world.classify(tiny_world.draw(picture, rng))
+                assert (seen["shape"], seen["size"]) == (shape, size), (picture, seen)
+
+
+def test_a_purple_tinted_blue_triangle_is_not_graded_blue():
+    """A triangle painted half blue, half purple is 8.1 CIEDE2000 from blue, past COLOUR_WITHIN_DE00 (8), so it
+    reads 'other' (the palette reader, nearest in RGB however far, called it blue); pure blue still reads blue."""
+    tint = tuple(round((b + p) / 2) for b, p in zip(tiny_world.COLOURS["blue"], tiny_world.ALL_COLOURS["purple"]))
+    assert tiny_world.COLOUR_WITHIN_DE00 == 8.0
+    tinted, blue = (tiny_world.draw_shape("triangle", fill, tiny_world.BACKGROUNDS["black"], 40, (32, 32))
+                    for fill in (tint, tiny_world.COLOURS["blue"]))
+    assert tiny_world.classify(tinted)["colour"] == "other"
+    assert tiny_world.classify_by_palette(tinted)["colour"] == "blue"
+    assert tiny_world.classify(blue)["colour"] == "blue"
+
+
+def test_a_triangle_bent_into_another_shape_is_not_a_triangle():
+    """A triangle leaning into a hook, or with its base pushed in to an arrowhead, overlaps no prototype by IoU 0.7
+    (0.59 and 0.60 to the triangle's), so it reads 'other', not triangle (the palette reader: triangle and star)."""
+    side, scale = 40, tiny_world.SUPERSAMPLE
+    cx, cy, h = 32, 32, side / 2
+    bent = {"hook": [(cx + 0.9 * h, cy - h), (cx + h, cy + h), (cx - h, cy + h), (cx - 0.2 * h, cy)],
+            "arrowhead": [(cx, cy - h), (cx + h, cy + h), (cx, cy + 0.2 * h), (cx - h, cy + h)]}
+    for name, points in bent.items():
+        image = Image.new("RGB", (64 * scale, 64 * scale), tiny_world.BACKGROUNDS["white"])
+        ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points], fill=tiny_world.COLOURS["red"])
+        seen = tiny_world.classify(image.resize((64, 64), Image.LANCZOS))
+        assert seen["shape"] == "other", (name, seen)
 
 
 def test_classifier_reads_shapes_after_the_shipped_vae():
