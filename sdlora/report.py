@@ -27,7 +27,7 @@ from sdlora.run_files import CONFIG_NAME, DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPL
 REPORT_NAME = "report.html"
 LOSS_PLOT_NAME = "loss.png"
 METRICS_PATH = "evaluation/metrics.csv"  # where `evaluate.py sweep --output_dir <run>/evaluation` writes its table
-LEARNING_NAME = "learning.json"  # demo.py: concept and prior shares, base vs LoRA, by the world's classifier
+LEARNING_NAME = "learning.json"  # demo.py: concept and prior shares, base vs LoRA, by both of the world's readers
 LEARNING_GRID_NAME = "learning.png"  # demo.py: base vs LoRA rows on the concept and the known prompts
 GRID_PATTERN = re.compile(r"step(\d+)-grid\.png")  # train_lora.py's samples/step<NNNNNN>-grid.png
 PLOT_SIZE = (900, 420)  # px, width x height of loss.png
@@ -290,9 +290,16 @@ def learning_section(output_dir: Path) -> str:
              f"{learned['reads']}: " + " | ".join(learned["concept_prompts"])],
             ["known prompts", f"{learned['prior_base']:.0%}", f"{learned['prior_lora']:.0%}",
              "the attributes each prompt names: " + " | ".join(learned["known_prompts"])]]
+    earlier = learned.get("palette_grading")  # the same images under the earlier reader, while both are reported
+    if earlier:
+        rows += [["concept prompts, palette grading", f"{earlier['concept_base']:.0%}",
+                  f"{earlier['concept_lora']:.0%}", earlier["grading"]],
+                 ["known prompts, palette grading", f"{earlier['prior_base']:.0%}", f"{earlier['prior_lora']:.0%}",
+                  "the same images"]]
     legend = note(f"{learned['kind'].capitalize()} concept {learned['concept']}: share of samples "
                   f"({learned['samples_per_prompt']} per prompt, same seeds with and without the LoRA) in which the "
-                  f"tiny world's classifier sees what the prompt asks.")
+                  f"tiny world's classifier sees what the prompt asks"
+                  + (f" ({learned['grading']})." if "grading" in learned else "."))
     grid = output_dir / LEARNING_GRID_NAME
     figure = (f'<figure><img src="{link(output_dir, grid)}" alt="base model and LoRA rows, same seeds">'
               f"<figcaption>each pair of rows: base model, then with the LoRA</figcaption></figure>"

@@ -179,6 +179,21 @@ def test_a_run_folder_with_missing_pieces_gets_notes_and_no_broken_links(tmp_pat
     assert "No loss logged yet" in text and "No sample grids yet" in text and "No readable data_report.json" in text
 
 
+def test_a_graded_run_shows_both_gradings_the_current_first(tmp_path):
+    """A learning.json with a palette_grading block shows the current grading's rows, then the palette grading's."""
+    (tmp_path / "config.json").write_text(json.dumps({"rank": 4}), encoding="utf-8")
+    figures = {"concept_base": 0.0, "concept_lora": 0.75, "prior_base": 0.9, "prior_lora": 0.5}
+    learned = {"concept": "sks-purple", "kind": "style", "reads": "colour == purple", "grading": "classify (new)",
+               "concept_prompts": ["a sks circle"], "known_prompts": ["a red square"], "samples_per_prompt": 4,
+               **figures, "palette_grading": {"grading": "classify_by_palette (old)", **figures,
+                                              "concept_lora": 0.62, "prior_lora": 0.25}}
+    (tmp_path / report.LEARNING_NAME).write_text(json.dumps(learned), encoding="utf-8")
+    parsed = parse(report.write_report(tmp_path))
+    text = " ".join(parsed.text)
+    assert parsed.errors == [] and "classify (new)" in text and "classify_by_palette (old)" in text
+    assert text.index("75%") < text.index("50%") < text.index("palette grading") < text.index("62%") < text.index("25%")
+
+
 def test_cli_writes_the_report_and_refuses_a_missing_folder_in_one_line(fake_run, tmp_path):
     """`python evaluate.py report RUN` writes RUN/report.html; a missing folder exits 1 with one `error:` line."""
     done = subprocess.run([sys.executable, "evaluate.py", "report", str(fake_run)], capture_output=True, text=True,
