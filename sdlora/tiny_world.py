@@ -301,8 +301,7 @@ def classify_by_palette(image: Image.Image) -> dict[str, str]:
     return result | {"size": size_of(mask)}
 
 
-Reader = Callable[[Image.Image], dict[str, str]]
-GRADINGS: dict[str, Reader] = {"prototype": classify, "palette": classify_by_palette}  # the first is the default
+Reader = Callable[[Image.Image], dict[str, str]]  # classify or classify_by_palette
 
 
 def score(prompts_and_images: list[tuple[str, Image.Image]], reader: Reader = classify) -> dict[str, tuple[int, int]]:
