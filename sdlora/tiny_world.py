@@ -246,7 +246,7 @@ def prototypes() -> dict[str, list[np.ndarray]]:
 
 
 def shape_iou(mask: np.ndarray) -> dict[str, float]:
-    """Each known shape's best soft IoU (sum of minima / sum of maxima) between its prototypes and the mask's outline."""
+    """Each known shape's best soft IoU (sum of minima / sum of maxima) of its prototypes with the mask's outline."""
     seen = outline(mask)
     return {shape: max(float(np.minimum(seen, p).sum() / np.maximum(seen, p).sum()) for p in outlines)
             for shape, outlines in prototypes().items()}
