@@ -7,8 +7,9 @@
 The model in models/tiny-sd-world/ was pretrained by pretrain_tiny.py on a world of coloured shapes with purple
 and stars held out. The demo draws eight pictures of the concept, trains a LoRA on them with the real
 train_lora.py (the command is printed), then samples the concept prompts and two known prompts with and without
-the LoRA through generate.py's loader and grades every image with the world's classifier. Everything lands in
-demo_output/: the run (report.html shows the figures and the before/after grid), and before_after.png.
+the LoRA through generate.py's loader and grades every image with the world's classifier (its earlier palette
+reader's figures printed beside). Everything lands in demo_output/: the run (report.html shows the figures and the
+before/after grid), and before_after.png.
 A few minutes on a laptop CPU; needs no GPU and no download.
 """
 
@@ -36,6 +37,10 @@ RECIPE = ["--resolution", "64", "--rank", "8", "--alpha", "8", "--learning_rate"
           "--lr_scheduler", "constant_with_warmup"]
 SHARES_TO_REACH = {"concept_lora": 0.9, "prior_lora": 0.9}  # and the base must not already draw it:
 BASE_CONCEPT_AT_MOST = 0.1
+GRADING = (f"tiny_world.classify: shape = best clean prototype by outline IoU >= {tiny_world.SHAPE_WITHIN_IOU}, "
+           f"colour = nearest named colour within {tiny_world.COLOUR_WITHIN_DE00} CIEDE2000, else 'other'")
+PALETTE_GRADING = ("tiny_world.classify_by_palette: colour = nearest named colour in RGB however far, "
+                   "shape by fill and taper with star for anything else")
 
 
 def run_training(args: list[str]) -> Path:
@@ -70,14 +75,60 @@ def before_after_grid(report: tiny_world.LearningReport, concept: tiny_world.Con
     return labelled_rows(rows)
 
 
-def known_prompt_shares(report: tiny_world.LearningReport, per_prompt: int) -> dict[str, tuple[float, float]]:
-    """Each known prompt's share of asked attributes drawn, (base, with the LoRA)."""
+def known_prompt_shares(report: tiny_world.LearningReport, per_prompt: int,
+                        reader: tiny_world.Reader = tiny_world.classify) -> dict[str, tuple[float, float]]:
+    """Each known prompt's share of asked attributes drawn, (base, with the LoRA), as `reader` sees them."""
     shares = {}
     for index, prompt in enumerate(tiny_world.KNOWN_PROMPTS):
         part = slice(index * per_prompt, (index + 1) * per_prompt)
-        shares[prompt] = tuple(tiny_world.attribute_share([prompt] * per_prompt, report.images[f"prior_{label}"][part])
+        shares[prompt] = tuple(tiny_world.attribute_share([prompt] * per_prompt,
+                                                          report.images[f"prior_{label}"][part], reader)
                                for label in ("base", "lora"))
     return shares
+
+
+def figures_of(report: tiny_world.LearningReport) -> dict[str, float]:
+    return {name: getattr(report, name) for name in ("concept_base", "concept_lora", "prior_base", "prior_lora")}
+
+
+def grade_run(model: str, lora_path: Path, concept: tiny_world.Concept, run_dir: Path, per_prompt: int) -> bool:
+    """Sample the same prompts and seeds with and without the LoRA through generate.py's loader (fused weights),
+    grade them under both readers, write learning.json, learning.png and the report, print the figures; True when
+    the demo's levels are reached."""
+    settings = generate.parse_config(["--pretrained_model_name_or_path", model, "--mixed_precision", "no"])
+    base = generate.load_pipeline(settings, [])
+    with_lora = generate.load_pipeline(settings, [(lora_path, 1.0)])
+    for pipe in (base, with_lora):
+        pipe.set_progress_bar_config(disable=True)
+    report = tiny_world.grade_lora(base, with_lora, concept, samples_per_prompt=per_prompt)
+    # The same images under the earlier palette grading (nearest RGB colour, star for any concave blob), beside.
+    by_palette = tiny_world.grade(report.images, concept, per_prompt, tiny_world.classify_by_palette)
+    before_after_grid(report, concept, per_prompt).save(run_dir / LEARNING_GRID_NAME)
+    figures = figures_of(report)
+    by_prompt = known_prompt_shares(report, per_prompt)
+    by_prompt_palette = known_prompt_shares(report, per_prompt, tiny_world.classify_by_palette)
+    (run_dir / LEARNING_NAME).write_text(json.dumps({
+        "concept": concept.name, "kind": concept.kind, "reads": f"{concept.attribute} == {concept.value}",
+        "grading": GRADING, "concept_prompts": list(concept.prompts), "known_prompts": list(tiny_world.KNOWN_PROMPTS),
+        "samples_per_prompt": per_prompt, **figures, "known_by_prompt": by_prompt,
+        "palette_grading": {"grading": PALETTE_GRADING, **figures_of(by_palette), "known_by_prompt": by_prompt_palette},
+    }, indent=2) + "\n", encoding="utf-8")
+    write_report(run_dir)
+
+    print(f"\nwhat the LoRA learned ({concept.kind} {concept.name!r}, graded by tiny_world.classify; "
+          f"[the earlier palette grading, tiny_world.classify_by_palette, of the same images]):")
+    for line in report.lines(beside=by_palette):
+        print(f"  {line}")
+    for prompt, (base_share, lora_share) in by_prompt.items():
+        old_base, old_lora = by_prompt_palette[prompt]
+        print(f"    {prompt!r}: {base_share:.0%} base, {lora_share:.0%} with the LoRA   "
+              f"[palette grading: {old_base:.0%}, {old_lora:.0%}]")
+    reached = (all(figures[name] >= level for name, level in SHARES_TO_REACH.items())
+               and figures["concept_base"] <= BASE_CONCEPT_AT_MOST)
+    print(f"  {'reached' if reached else 'MISSED'}: concept >= 90 % with the LoRA and <= 10 % without, "
+          f"known prompts >= 90 %")
+    print(f"before/after grid: {run_dir / LEARNING_GRID_NAME}; report: {run_dir / 'report.html'}")
+    return reached
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,36 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sample_prompts", concept.prompts[0], *tiny_world.KNOWN_PROMPTS, *training_flags,
     ])
 
-    # Grade: the same prompts and seeds with and without the LoRA, through generate.py's loader (fused weights).
-    settings = generate.parse_config(["--pretrained_model_name_or_path", args.model, "--mixed_precision", "no"])
-    base = generate.load_pipeline(settings, [])
-    with_lora = generate.load_pipeline(settings, [(lora_path, 1.0)])
-    for pipe in (base, with_lora):
-        pipe.set_progress_bar_config(disable=True)
-    per_prompt = args.samples_per_prompt
-    report = tiny_world.grade_lora(base, with_lora, concept, samples_per_prompt=per_prompt)
-    before_after_grid(report, concept, per_prompt).save(run_dir / LEARNING_GRID_NAME)
-    figures = {name: getattr(report, name) for name in ("concept_base", "concept_lora", "prior_base", "prior_lora")}
-    by_prompt = known_prompt_shares(report, per_prompt)
-    (run_dir / LEARNING_NAME).write_text(json.dumps({
-        "concept": concept.name, "kind": concept.kind, "reads": f"{concept.attribute} == {concept.value}",
-        "concept_prompts": list(concept.prompts), "known_prompts": list(tiny_world.KNOWN_PROMPTS),
-        "samples_per_prompt": per_prompt, **figures, "known_by_prompt": by_prompt}, indent=2) + "\n",
-        encoding="utf-8")
-    write_report(run_dir)
+    # Grade: the same prompts and seeds with and without the LoRA, under the current and the earlier reader.
+    reached = grade_run(args.model, lora_path, concept, run_dir, args.samples_per_prompt)
     if not args.name:  # the default demo's grid, where the README points
         shutil.copyfile(run_dir / LEARNING_GRID_NAME, DEMO_DIR / "before_after.png")
-
-    print(f"\nwhat the LoRA learned ({concept.kind} {concept.name!r}, graded by tiny_world.classify):")
-    for line in report.lines():
-        print(f"  {line}")
-    for prompt, (base_share, lora_share) in by_prompt.items():
-        print(f"    {prompt!r}: {base_share:.0%} base, {lora_share:.0%} with the LoRA")
-    reached = (all(figures[name] >= level for name, level in SHARES_TO_REACH.items())
-               and figures["concept_base"] <= BASE_CONCEPT_AT_MOST)
-    print(f"  {'reached' if reached else 'MISSED'}: concept >= 90 % with the LoRA and <= 10 % without, "
-          f"known prompts >= 90 %")
-    print(f"before/after grid: {run_dir / LEARNING_GRID_NAME}; report: {run_dir / 'report.html'}")
     return 0 if reached else 1
 
 
