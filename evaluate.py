@@ -39,7 +39,7 @@ from sdlora.files import IMAGE_EXTENSIONS, image_files
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.report import ReportError, write_report
 from sdlora.sampling import prompt_texts
-from sdlora.settings import ConfigError, check_model_source
+from sdlora.settings import ConfigError, RenamedFlag, check_model_source
 
 FEATURE_BATCH_SIZE = 32  # images per forward pass of a feature extractor or of CLIP
 METRICS_COLUMNS = ("checkpoint", "multiplier", "images", "fid", "clip_score", "images_dir")
@@ -371,14 +371,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         sys.exit(f"error: {message}; see `python {self.prog} --help`")
-
-
-class RenamedFlag(argparse.Action):
-    """An old flag name, kept for one release: stores into the new flag (`--<dest>`) after a one-line note."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is now --{self.dest}; the old name goes in the next release", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdlora.attention import use_fp32_attention
-from sdlora.settings import ConfigError
+from sdlora.settings import PRECISION_DTYPES, ConfigError
 
 MIN_POSITIONS = 1024  # below this, the fp32 kernel's gain does not pay for reading the weight as fp32
 FASTER_BY = 0.9  # fp32 is taken only when it needs at most this share of the low-precision kernels' time
@@ -178,8 +178,8 @@ def check_cpu_precision(mixed_precision: str, device: torch.device | str) -> Non
     fp32 here (low_precision_timings), before any model loads: a ConfigError naming the option, the measured
     figures and the fix, `--mixed_precision no`. One timing decides for every frozen model (VAE, text encoder,
     UNet); on a GPU, and in fp32, nothing is timed."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    if dtype is None or torch.device(device).type != "cpu":
+    dtype = PRECISION_DTYPES[mixed_precision]
+    if dtype == torch.float32 or torch.device(device).type != "cpu":
         return
     for _ in range(CONFIRMATIONS):  # a refusal needs every probe to say so
         fp32, low = low_precision_timings(dtype)

@@ -60,19 +60,13 @@ RENAMED_FLAGS = {
 }
 
 
-def renamed_flag_notice(old: str) -> str:
-    return f"note: --{old} is now --{RENAMED_FLAGS[old]}; the old name goes in the next release"
-
-
 class RenamedFlag(argparse.Action):
-    """An old flag name: says it was renamed, then sets the new name's value."""
-
-    def __init__(self, option_strings, dest, old: str, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.old = old
+    """An old flag name, kept for one release (add it with `dest` = the new name): says it was renamed, then sets
+    the new name's value. train_lora.py's renamed constants and evaluate.py's `--scales` both use it."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(renamed_flag_notice(self.old), file=sys.stderr)
+        print(f"note: {self.option_strings[0]} is now --{self.dest}; the old name goes in the next release",
+              file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -90,7 +84,7 @@ def build_parser(defaults: dict, description: str) -> argparse.ArgumentParser:
             kind = {"type": type(value)}
         parser.add_argument(f"--{name}", default=value, **kind)
         if name in old_names:
-            parser.add_argument(f"--{old_names[name]}", dest=name, action=RenamedFlag, old=old_names[name],
+            parser.add_argument(f"--{old_names[name]}", dest=name, action=RenamedFlag,
                                 default=argparse.SUPPRESS, help=f"old name of --{name}", **kind)
     return parser
 
