@@ -15,6 +15,7 @@ colour within 8 CIEDE2000 of their median, its shape the known shape whose clean
 at least 0.7 (each "other" if none is), and its size follows from its box's side.
 """
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,9 +226,6 @@ OUTLINE_PX = 20  # a shape's box is resized to 20 x 20 before it is compared: po
 PROTOTYPE_SIDES_PX = (22, 43)  # one prototype of each shape per size class, near the middle of its range
 PROTOTYPE_SHAPES = SHAPES + HELD_OUT_SHAPES  # a shape added to shape_points gets its prototype here
 _NAMED_LAB = {name: srgb_to_lab(np.array(rgb)) for name, rgb in ALL_COLOURS.items()}
-_prototypes: dict[str, list[np.ndarray]] = {}
-
-
 def outline(mask: np.ndarray) -> np.ndarray:
     """A shape mask cropped to its box and resized to (OUTLINE_PX, OUTLINE_PX), values in [0, 1]."""
     ys, xs = np.nonzero(mask)
@@ -235,14 +233,13 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize((OUTLINE_PX, OUTLINE_PX), Image.BILINEAR), dtype=np.float32) / 255
 
 
+@functools.cache
 def prototypes() -> dict[str, list[np.ndarray]]:
     """Outlines of every known shape drawn clean by the world's own draw_shape, built once."""
-    if not _prototypes:
-        for shape in PROTOTYPE_SHAPES:
-            _prototypes[shape] = [outline(find_shape(draw_shape(shape, ALL_COLOURS["red"], BACKGROUNDS["white"],
-                                                                side, (IMAGE_SIZE / 2, IMAGE_SIZE / 2)))[2])
-                                  for side in PROTOTYPE_SIDES_PX]
-    return _prototypes
+    return {shape: [outline(find_shape(draw_shape(shape, ALL_COLOURS["red"], BACKGROUNDS["white"], side,
+                                                  (IMAGE_SIZE / 2, IMAGE_SIZE / 2)))[2])
+                    for side in PROTOTYPE_SIDES_PX]
+            for shape in PROTOTYPE_SHAPES}
 
 
 def shape_iou(mask: np.ndarray) -> dict[str, float]:
