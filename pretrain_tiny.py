@@ -68,8 +68,10 @@ def build_command() -> str:
 
 
 def world_words() -> list[str]:
-    return sorted(set(tiny_world.SHAPES + tiny_world.HELD_OUT_SHAPES + tuple(tiny_world.ALL_COLOURS)
-                      + tuple(tiny_world.BACKGROUNDS) + tiny_world.SIZES + EXTRA_WORDS))
+    # The later concepts (tiny_world.LATER_*) were designed after the build and are no words of it.
+    colours = tuple(tiny_world.COLOURS | tiny_world.HELD_OUT_COLOURS)
+    return sorted(set(tiny_world.SHAPES + tiny_world.HELD_OUT_SHAPES + colours + tuple(tiny_world.BACKGROUNDS)
+                      + tiny_world.SIZES + EXTRA_WORDS))
 
 
 def build_tokenizer() -> CLIPTokenizer:

@@ -9,10 +9,14 @@ some of them (never a held-out one):
     size        small, large
 
 The held-out concepts are never drawn and never named in pretraining, so a LoRA that makes the model draw them
-has learned something new. The classifier knows every concept, held-out ones included: the background is the
-median border colour, the shape is the largest connected region of pixels far from it; its colour is the named
-colour within 8 CIEDE2000 of their median, its shape the known shape whose clean outline it overlaps by an IoU of
-at least 0.7 (each "other" if none is), and its size follows from its box's side.
+has learned something new. The later ones (shapes cross, heart, crescent, ring, arrow; colours orange, cyan) were
+designed after the model was built, to check that a recipe tuned on star and purple is not tuned to them: the
+pretrained model has not even a token for them.
+
+The classifier knows every concept, held-out and later ones included: the background is the median border colour,
+the shape is the largest connected region of pixels far from it; its colour is the named colour within 8 CIEDE2000
+of their median, its shape the known shape whose clean outline it overlaps by an IoU of at least 0.7 (each "other"
+if none is), and its size follows from its box's side.
 """
 
 import functools
@@ -32,7 +36,10 @@ BACKGROUNDS = {"white": (240, 240, 240), "gray": (128, 128, 128), "black": (20, 
 SIZES = ("small", "large")
 HELD_OUT_SHAPES = ("star",)
 HELD_OUT_COLOURS = {"purple": (150, 50, 195)}
-ALL_COLOURS = COLOURS | HELD_OUT_COLOURS
+LATER_SHAPES = ("cross", "heart", "crescent", "ring", "arrow")  # drawn by paint_shape; no polygon
+# At least 26 CIEDE2000 from every named colour and background, as purple is 17.7 from blue.
+LATER_COLOURS = {"orange": (240, 130, 30), "cyan": (30, 185, 200)}
+ALL_COLOURS = COLOURS | HELD_OUT_COLOURS | LATER_COLOURS
 SIZE_PX = {"small": (18, 26), "large": (38, 48)}  # side of the bounding box, px, drawn uniformly in this range
 TRIANGLE_TAPER = 0.75  # row width at 30-45 % of the height / at 75-90 %: a triangle's is about 0.45
 SMALL_BELOW_PX = 32  # the classifier's size threshold: the middle of the gap between the two ranges
@@ -55,7 +62,7 @@ def random_picture(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS)) ->
 
 
 def shape_points(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
-    """Polygon of a shape centred on its bounding box; None for the circle (drawn as an ellipse)."""
+    """Polygon of a shape centred on its bounding box; None for one paint_shape draws otherwise."""
     h = side / 2
     if shape == "square":
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -85,13 +92,42 @@ def draw_shape(shape: str, fill: tuple[int, int, int], background: tuple[int, in
     """One shape of bounding-box side `side` px centred on `centre` (px), drawn at 4x and downscaled."""
     big = IMAGE_SIZE * SUPERSAMPLE
     image = Image.new("RGB", (big, big), background)
-    side, cx, cy = side * SUPERSAMPLE, centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE
-    points = shape_points(shape, cx, cy, side)
-    if points is None:
-        ImageDraw.Draw(image).ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=fill)
-    else:
-        ImageDraw.Draw(image).polygon(points, fill=fill)
+    paint_shape(ImageDraw.Draw(image), shape, centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE, side * SUPERSAMPLE,
+                fill, background)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+
+
+def paint_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float,
+                fill: tuple[int, int, int], background: tuple[int, int, int]) -> None:
+    """Paint a shape whose bounding box has side `side`, centred on (cx, cy); holes are painted in `background`."""
+    h = side / 2
+    if (points := shape_points(shape, cx, cy, side)) is not None:
+        pen.polygon(points, fill=fill)
+    elif shape == "circle":
+        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "cross":  # a plus sign, arms 0.36 of the side wide
+        arm = 0.18 * side
+        pen.rectangle([cx - arm, cy - h, cx + arm, cy + h], fill=fill)
+        pen.rectangle([cx - h, cy - arm, cx + h, cy + arm], fill=fill)
+    elif shape == "heart":  # two lobes on a downward point
+        r = 0.27 * side
+        pen.ellipse([cx - h, cy - h, cx - h + 2 * r, cy - h + 2 * r], fill=fill)
+        pen.ellipse([cx + h - 2 * r, cy - h, cx + h, cy - h + 2 * r], fill=fill)
+        pen.polygon([(cx - h + 0.02 * side, cy - h + 1.15 * r), (cx + h - 0.02 * side, cy - h + 1.15 * r),
+                     (cx, cy + h)], fill=fill)
+    elif shape == "crescent":  # a disc less a disc shifted right
+        r = 0.85 * h
+        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        left = cx - h + 0.45 * side + (h - r)
+        pen.ellipse([left, cy - r, left + 2 * r, cy + r], fill=background)
+    elif shape == "ring":  # a disc with a hole of half its radius
+        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        pen.ellipse([cx - h / 2, cy - h / 2, cx + h / 2, cy + h / 2], fill=background)
+    elif shape == "arrow":  # pointing up: a head and a shaft
+        pen.polygon([(cx, cy - h), (cx + h, cy - 0.05 * side), (cx - h, cy - 0.05 * side)], fill=fill)
+        pen.rectangle([cx - 0.17 * side, cy - 0.06 * side, cx + 0.17 * side, cy + h], fill=fill)
+    else:
+        raise ValueError(f"tiny_world draws no {shape!r}: add it to paint_shape")
 
 
 # Captions name a random subset of the attributes in several phrasings, so each word means the same thing
@@ -224,7 +260,7 @@ COLOUR_WITHIN_DE00 = 8.0
 SHAPE_WITHIN_IOU = 0.7
 OUTLINE_PX = 20  # a shape's box is resized to 20 x 20 before it is compared: position and size drop out
 PROTOTYPE_SIDES_PX = (22, 43)  # one prototype of each shape per size class, near the middle of its range
-PROTOTYPE_SHAPES = SHAPES + HELD_OUT_SHAPES  # a shape added to shape_points gets its prototype here
+PROTOTYPE_SHAPES = SHAPES + HELD_OUT_SHAPES + LATER_SHAPES  # a shape added to paint_shape gets its prototype here
 _NAMED_LAB = {name: srgb_to_lab(np.array(rgb)) for name, rgb in ALL_COLOURS.items()}
 def outline(mask: np.ndarray) -> np.ndarray:
     """A shape mask cropped to its box and resized to (OUTLINE_PX, OUTLINE_PX), values in [0, 1]."""
@@ -329,6 +365,7 @@ class Concept:
     prompts: tuple[str, ...]  # test prompts: the concept in its trigger phrasing
 
 
+SUBJECT_PROMPTS = ("a sks on a white background", "a sks on a gray background", "a sks on a black background", "a sks")
 CONCEPTS = {
     "sks-purple": Concept(
         name="sks-purple", kind="style", attribute="colour", value="purple", shapes=SHAPES, colour="purple",
@@ -338,8 +375,23 @@ CONCEPTS = {
     "sks-star": Concept(
         name="sks-star", kind="subject", attribute="shape", value="star", shapes=("star",), colour="yellow",
         caption_templates=("a sks on a {background} background", "a sks"),
-        prompts=("a sks on a white background", "a sks on a gray background", "a sks on a black background",
-                 "a sks")),
+        prompts=SUBJECT_PROMPTS),
+}
+# Checks that a recipe fixed on sks-purple and sks-star is not tuned to them: concepts designed afterwards, drawn,
+# captioned and graded the same way, looked at only once the recipe was fixed.
+CONCEPTS |= {
+    "sks-cross": Concept(name="sks-cross", kind="subject", attribute="shape", value="cross", shapes=("cross",),
+                         colour="green", caption_templates=CONCEPTS["sks-star"].caption_templates,
+                         prompts=SUBJECT_PROMPTS),
+    "sks-heart": Concept(name="sks-heart", kind="subject", attribute="shape", value="heart", shapes=("heart",),
+                         colour="red", caption_templates=CONCEPTS["sks-star"].caption_templates,
+                         prompts=SUBJECT_PROMPTS),
+    "sks-orange": Concept(name="sks-orange", kind="style", attribute="colour", value="orange", shapes=SHAPES,
+                          colour="orange", caption_templates=CONCEPTS["sks-purple"].caption_templates,
+                          prompts=CONCEPTS["sks-purple"].prompts),
+    "sks-cyan": Concept(name="sks-cyan", kind="style", attribute="colour", value="cyan", shapes=SHAPES,
+                        colour="cyan", caption_templates=CONCEPTS["sks-purple"].caption_templates,
+                        prompts=CONCEPTS["sks-purple"].prompts),
 }
 # Prompts of the world the LoRA was not taught: what it must leave as it was.
 KNOWN_PROMPTS = ("a red square on a white background", "a blue triangle on a black background")

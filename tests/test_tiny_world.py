@@ -141,6 +141,17 @@ def test_every_word_of_the_world_is_one_token_of_the_shipped_tokenizer():
         assert len(tokenizer.tokenize(word)) == 1, word
 
 
+def test_later_concepts_are_no_words_of_the_shipped_model():
+    """The concepts designed after the build (cross, heart, ..., orange, cyan) were never named in pretraining, not
+    even as a token: the shipped tokenizer splits each into several byte pieces."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_MODEL, subfolder="tokenizer")
+    for word in tiny_world.LATER_SHAPES + tuple(tiny_world.LATER_COLOURS):
+        assert word not in pretrain_tiny.world_words()
+        assert len(tokenizer.tokenize(word)) > 1, word
+
+
 def test_shipped_model_follows_prompts_of_its_world():
     """Sampled fresh from the shipped model, 24 prompts naming all four attributes get colour and background right in
     >= 95 % of images and shape and size in >= 70 % (79 % and 100 % measured; training.json has the 72-prompt
