@@ -41,6 +41,7 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
     many captions CLIP cuts short."""
     if accelerator.is_main_process:
         report_long_captions(dataset, tokenizer)
+        report_trigger_and_image_count(cfg, dataset, tokenizer)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
     latents = embeddings = None
@@ -78,6 +79,26 @@ def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> No
     if long:
         print(f"{long} caption(s) longer than the {tokenizer.model_max_length}-token CLIP limit are truncated "
               f"(longest: {max(lengths)} tokens)")
+
+
+MIN_SUBJECT_IMAGES = 3
+
+
+def report_trigger_and_image_count(cfg, dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
+    """Say at start what weakens a subject LoRA before hours go into it: a trigger word the tokenizer cuts into
+    pieces (the concept is then spread over pieces other words share, instead of bound to one rare token), and fewer
+    than MIN_SUBJECT_IMAGES training pictures (the LoRA learns those pictures rather than the subject)."""
+    for word in cfg.trigger_phrase.split():
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) > 1:
+            print(f"note: trigger_phrase word {word!r} is {len(pieces)} tokens to this model's tokenizer "
+                  f"({' '.join(pieces)}); a word that is one rare token (e.g. 'sks') binds the concept to one "
+                  f"embedding of its own")
+    pictures = sum(not example.prior for example in dataset.examples)
+    if pictures < MIN_SUBJECT_IMAGES:
+        print(f"warning: {pictures} training image(s) in {cfg.dataset_path}: with fewer than {MIN_SUBJECT_IMAGES} "
+              f"pictures of a subject the LoRA learns those pictures (their pose, background and framing) rather "
+              f"than the subject; add pictures, or watch the samples for copies of them")
 
 
 def gather_parts(part: dict, accelerator) -> dict:

@@ -234,3 +234,23 @@ def test_all_targets_train_feed_forward_and_1x1_projections(tiny_model_dir, tmp_
     assert tensors[proj_in].dim() == 4 and tensors[proj_in].shape[2:] == (1, 1)
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2.lora_up.weight" in tensors
     assert "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_0_proj.alpha" in tensors
+
+
+def test_a_split_trigger_word_and_too_few_pictures_are_said_at_start(tmp_path, capsys):
+    """A trigger word the tokenizer cuts into pieces is named with its pieces, a one-token word is not, and a
+    dataset of fewer than 3 pictures gets a warning naming its folder and the risk; 3 pictures get none."""
+    from types import SimpleNamespace
+    from transformers import CLIPTokenizer
+    from sdlora.training_data import report_trigger_and_image_count
+
+    tokenizer = CLIPTokenizer.from_pretrained(REPO_ROOT / "models" / "tiny-sd-world", subfolder="tokenizer")
+    two = shaped_dataset(tmp_path / "two", {"a.png": (64, 64), "b.png": (64, 64)})
+    report_trigger_and_image_count(SimpleNamespace(trigger_phrase="sks zqxw", dataset_path=str(two)),
+                                   CustomDataset(two, resolution=64), tokenizer)
+    said = capsys.readouterr().out
+    assert "'zqxw' is 4 tokens" in said and "word 'sks'" not in said
+    assert f"2 training image(s) in {two}" in said and "fewer than 3" in said
+    three = shaped_dataset(tmp_path / "three", {f"{i}.png": (64, 64) for i in range(3)})
+    report_trigger_and_image_count(SimpleNamespace(trigger_phrase="sks", dataset_path=str(three)),
+                                   CustomDataset(three, resolution=64), tokenizer)
+    assert capsys.readouterr().out == ""
