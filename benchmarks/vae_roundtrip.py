@@ -205,8 +205,8 @@ def refine_batch(rng: random.Random, batch: int) -> tuple[torch.Tensor, list[int
 
 def refine_vae(trained: AutoencoderKL, steps: int, work_dir: Path) -> tuple[AutoencoderKL, float]:
     """Deepen the VAE and train it on shapes the world never draws, its latents of the world's own pictures held
-    where they were (LATENT_ANCHOR): the UNet trained on those latents stays valid, and a LoRA that teaches a new
-    shape finds a decoder that can draw it. Run after the UNet, the UNet's training would never depend on it."""
+    where they were (LATENT_ANCHOR), so the UNet trained on those latents stays valid while the decoder learns to
+    draw new shapes. In a build it would run after the UNet, which would then never depend on it."""
     final = work_dir / "vae_refined.pt"
     torch.manual_seed(pretrain_tiny.SEED + 3)
     vae = deepen_vae(trained)
