@@ -283,12 +283,17 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
         SD 1.x (see _a1111_name, _comfyui_unmatched); names that miss, or land on another module, are listed.
         A1111 matches no diffusers/PEFT name and ComfyUI misses their attention and text-encoder modules:
         convert such files with --to kohya.
-    (c) the delta: each module's (alpha / rank) up @ down from the file, applied to a fixed x, against the
-        network's own scale * up(down(x)); the worst difference relative to max(1, |delta x|), at most 1e-4.
+    (c) the delta: each module's delta as the clients compute it from the file (alpha / rank, LoKr's scale rule,
+        DoRA's decomposition against the base weight), applied to a fixed x, against the network's own update;
+        the worst difference relative to max(1, |delta x|), at most 1e-4.
+    (d) the merged outputs: the file merged into copies of the base models by those rules (what A1111 and ComfyUI
+        draw with at strength 1) against the network's outputs on a fixed input (the tolerance of (a)).
+    LoHa, LoKr and DoRA files are beyond diffusers (DIFFUSERS_TYPES): what it did is reported, not counted.
 
-    Returns {"file", "diffusers": "ok" | PEFT_MISSING | reason, "a1111_unmatched",
-    "comfyui_unmatched", "network_unmatched" (modules only one of file and network has), "file_problems" (keys
-    that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside the file."""
+    Returns {"file", "network_type", "diffusers": "ok" | PEFT_MISSING | reason, "fused_output_error" (per model),
+    "a1111_unmatched", "comfyui_unmatched", "network_unmatched" (modules only one of file and network has),
+    "file_problems" (keys that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside
+    the file."""
     path = Path(path)
     tensors, metadata = read_lora_file(path)
     modules, problems = parse_lora_tensors(tensors, metadata)

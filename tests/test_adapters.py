@@ -399,3 +399,36 @@ def test_resume_with_another_network_type_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises((ConfigError, CheckpointError), match="network_type"):
         train_lora.main(config(tiny_model_dir, tmp_path / "run", "--max_train_steps", "3", "--network_type", "loha",
                                "--resume_from_checkpoint", "latest"))
+
+
+def test_dora_converts_to_plain_lora_only_with_the_base_model(tiny_model_dir, tmp_path):
+    """A DoRA file's delta depends on the base weights: convert --to lora without --base_model is refused naming
+    the fix; with it, at full rank, the plain LoRA merges into the base as the DoRA file does."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0, spec=AdapterSpec("dora"))
+    perturb(network.parameters())
+    path = network.save(tmp_path / "dora.safetensors")
+    assert lora_tools.cli(["convert", str(path), str(tmp_path / "x.safetensors"), "--to", "lora", "--rank", "4"]) == 1
+    with pytest.raises(LoRAError, match="--base_model"):
+        lora_tools.convert_to_plain_lora(path, tmp_path / "x.safetensors", rank=4)
+    _, energy = lora_tools.convert_to_plain_lora(path, tmp_path / "plain.safetensors", rank=64,
+                                                 base_model=tiny_model_dir)
+    assert energy == pytest.approx(1.0)
+    as_dora = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    as_plain = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    fuse_lora_file(path, as_dora, None)
+    fuse_lora_file(tmp_path / "plain.safetensors", as_plain, None)
+    for a, b in zip(as_dora.parameters(), as_plain.parameters()):
+        assert_close_to_scale(b, a, rtol=1e-5)
+
+
+def test_network_weights_for_another_base_model_is_refused(tmp_path, unet):
+    """A file whose metadata says it was trained on SDXL is refused at start, naming the base and the fix."""
+    from safetensors.torch import save_file
+
+    network = inject_trainable_lora(unet, rank=2, alpha=2.0)
+    save_file(network.state_dict(), str(tmp_path / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(ConfigError, match="trained on sdxl_base_v1-0, not SD 1.x"):
+        train_lora.check_config(train_lora.parse_config(["--network_weights", str(tmp_path / "xl.safetensors")]))
