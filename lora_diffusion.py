@@ -431,7 +431,8 @@ def inject_from_modules(modules: LoRAModules, unet: nn.Module, text_encoder: nn.
         raise LoRAError(f"--network_weights {source} does not fit this base model ({len(problems)} module(s); a file "
                         f"for another base model or targets?):\n  " + "\n  ".join(problems[:10])
                         + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
-    convs = [layer for layer in layers.values() if isinstance(layer.base, nn.Conv2d) and layer.base.kernel_size != (1, 1)]
+    convs = [layer for layer in layers.values()
+             if isinstance(layer.base, nn.Conv2d) and layer.base.kernel_size != (1, 1)]
     others = [layer for layer in layers.values() if layer not in convs] or convs
     rank = Counter(layer.rank for layer in others).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in others).most_common(1)[0][0]

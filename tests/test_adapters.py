@@ -16,7 +16,7 @@ from lora_diffusion import (
     NETWORK_TYPES, AdapterSpec, DoRALayer, LoRALayer, inject_from_modules, inject_trainable_lora, make_layer,
 )
 from sdlora.adapter_weights import LoHaModule, LoKrModule, factorization
-from sdlora.adapters import LoHaLayer, LoKrLayer
+from sdlora.adapters import LoKrLayer
 from sdlora.interop import check_interop
 from sdlora.lora_file import LoRAError, LoRAModule, fuse_lora_file, read_lora_modules
 from sdlora.settings import ConfigError
@@ -429,6 +429,22 @@ def test_network_weights_for_another_base_model_is_refused(tmp_path, unet):
     from safetensors.torch import save_file
 
     network = inject_trainable_lora(unet, rank=2, alpha=2.0)
-    save_file(network.state_dict(), str(tmp_path / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    save_file(network.state_dict(), str(tmp_path / "xl.safetensors"),
+              metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(ConfigError, match="trained on sdxl_base_v1-0, not SD 1.x"):
         train_lora.check_config(train_lora.parse_config(["--network_weights", str(tmp_path / "xl.safetensors")]))
+
+
+def test_a_checkpoint_from_before_the_adapter_settings_still_resumes(monkeypatch):
+    """A checkpoint whose run identity predates network_type and the dropouts matches a run at their defaults,
+    and not one that changes them."""
+    from sdlora import checkpoints
+
+    identity = {"rank": 4, **checkpoints.SETTINGS_ADDED_LATER}
+    assert {name: getattr(train_lora, name) for name in checkpoints.SETTINGS_ADDED_LATER} == \
+        checkpoints.SETTINGS_ADDED_LATER
+    monkeypatch.setattr(checkpoints, "read_state",
+                        lambda folder: {"run_identity": {"rank": 4}, "dataset_fingerprint": "f"})
+    checkpoints.check_resume_matches(None, identity, "f", allow_changes=False)
+    with pytest.raises(ConfigError, match="network_type: checkpoint 'lora', now 'loha'"):
+        checkpoints.check_resume_matches(None, identity | {"network_type": "loha"}, "f", allow_changes=False)
