@@ -448,3 +448,25 @@ def test_a_checkpoint_from_before_the_adapter_settings_still_resumes(monkeypatch
     checkpoints.check_resume_matches(None, identity, "f", allow_changes=False)
     with pytest.raises(ConfigError, match="network_type: checkpoint 'lora', now 'loha'"):
         checkpoints.check_resume_matches(None, identity | {"network_type": "loha"}, "f", allow_changes=False)
+
+
+def test_merge_and_resize_handle_loha_and_lokr(unet, tmp_path):
+    """merge of a LoHa at 0.5 and a LoKr at 0.5 holds exactly the sum of their deltas at those multipliers (as plain
+    LoRA); resize makes each a plain LoRA of the asked rank; inspect counts the types."""
+    files = {}
+    for network_type in ("loha", "lokr"):
+        fresh = type(unet).from_config(unet.config)
+        fresh.load_state_dict(unet.state_dict())
+        network = inject_trainable_lora(fresh, rank=2, alpha=2.0, spec=AdapterSpec(network_type, lokr_factor=2))
+        perturb(network.parameters(), seed=len(files) + 1)
+        files[network_type] = network.save(tmp_path / f"{network_type}.safetensors")
+    assert lora_tools.inspect_lora_file(files["loha"])["types"] == {"loha": len(network.layers)}
+    lora_tools.merge_lora_files(tmp_path / "merged.safetensors", [(files["loha"], 0.5), (files["lokr"], 0.5)])
+    merged, _ = read_lora_modules(tmp_path / "merged.safetensors")
+    loha, lokr = (read_lora_modules(files[t])[0] for t in ("loha", "lokr"))
+    for key, module in merged.items():
+        assert module.network_type == "lora"
+        assert_close_to_scale(module.delta(), 0.5 * loha[key].delta() + 0.5 * lokr[key].delta(), rtol=1e-5)
+    lora_tools.resize_lora_file(files["lokr"], tmp_path / "r1.safetensors", rank=1)
+    resized, header = read_lora_modules(tmp_path / "r1.safetensors")
+    assert {(m.network_type, m.rank) for m in resized.values()} == {("lora", 1)} and "network_type" not in header
