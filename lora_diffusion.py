@@ -374,6 +374,9 @@ def _layer_for(base: nn.Module, module: LoRAModule | LoHaModule | LoKrModule, sp
     if isinstance(module, LoHaModule):
         layer = LoHaLayer(base, module.rank, module.alpha, spec.module_dropout, spec.rank_dropout)
     elif isinstance(module, LoKrModule):
+        if module.w1 is None:
+            raise LoRAError("its LoKr w1 is factored (lokr_w1_a/_b), which training keeps whole; convert the file to "
+                            "a plain LoRA first (python lora_tools.py convert FILE OUT --to lora --rank 16)")
         layer = LoKrLayer(base, module.rank, module.alpha, module_dropout=spec.module_dropout,
                           rank_dropout=spec.rank_dropout, w1_shape=tuple(module.w1.shape),
                           whole_w2=module.w2 is not None)

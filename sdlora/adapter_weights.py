@@ -92,7 +92,8 @@ class LoHaModule:
 class LoKrModule:
     """One module's LoKr (Kronecker product, LyCORIS; Edalati et al. 2022, arXiv:2212.10650):
 
-        delta = kron(w1, w2) * scale,   w1 = `lokr_w1` [out1, in1] whole (the small factor),
+        delta = kron(w1, w2) * scale,   w1 = `lokr_w1` [out1, in1] whole (the small factor; other trainers may
+                                             write `lokr_w1_a` @ `lokr_w1_b`, which is read, never written),
                                         w2 = `lokr_w2` [out2, in2 * k * k] whole, or `lokr_w2_a` [out2, r] @
                                              `lokr_w2_b` [r, in2 * k * k]
 
@@ -102,22 +103,31 @@ class LoKrModule:
     reshape it to the weight's shape, which for a k x k kernel is the same as the kron of a 4-D w2 [out2, in2, k, k]
     with w1 [out1, in1, 1, 1] (in * k * k flattens as in1, then in2 * k * k)."""
 
-    w1: torch.Tensor
+    w1: torch.Tensor | None
     w2: torch.Tensor | None
     w2_a: torch.Tensor | None
     w2_b: torch.Tensor | None
     alpha: float
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
     network_type = "lokr"
 
     @property
     def rank(self) -> int:
-        """The inner size of the low-rank factor w2_a @ w2_b; with both factors whole, the smaller side of w2 (what
-        `ss_network_dim` shows, no scale depends on it)."""
-        return self.w2_b.shape[0] if self.w2 is None else min(self.w2.shape[0], self.w2.flatten(1).shape[1])
+        """The inner size of the low-rank factor w2_a @ w2_b (else w1_a @ w1_b's); with both factors whole, the
+        smaller side of w2 (what `ss_network_dim` shows, no scale depends on it)."""
+        if self.w2 is None:
+            return self.w2_b.shape[0]
+        if self.w1 is None:
+            return self.w1_b.shape[0]
+        return min(self.w2.shape[0], self.w2.flatten(1).shape[1])
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.w2 is not None else self.alpha / self.rank
+        return 1.0 if self.w2 is not None and self.w1 is not None else self.alpha / self.rank
+
+    def whole_w1(self) -> torch.Tensor:
+        return self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
 
     def whole_w2(self) -> torch.Tensor:
         """w2 as an fp32 [out2, in2 * k * k] matrix."""
@@ -127,15 +137,17 @@ class LoKrModule:
 
     @property
     def shape_2d(self) -> tuple[int, int]:
-        out2, in2 = (self.w2.shape if self.w2 is not None else (self.w2_a.shape[0], self.w2_b.shape[1]))
-        return self.w1.shape[0] * out2, self.w1.shape[1] * in2
+        out2, in2 = (self.w2.flatten(1).shape if self.w2 is not None else (self.w2_a.shape[0], self.w2_b.shape[1]))
+        out1, in1 = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
+        return out1 * out2, in1 * in2
 
     def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 [out, in * k * k]; `weight` (the base weight) is not needed."""
-        return torch.kron(self.w1.float(), self.whole_w2()) * self.scale
+        return torch.kron(self.whole_w1(), self.whole_w2()) * self.scale
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        found = {f"{name}.lokr_w1": self.w1}
+        found = ({f"{name}.lokr_w1": self.w1} if self.w1 is not None
+                 else {f"{name}.lokr_w1_a": self.w1_a, f"{name}.lokr_w1_b": self.w1_b})
         if self.w2 is not None:
             found[f"{name}.lokr_w2"] = self.w2
         else:

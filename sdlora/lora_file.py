@@ -52,7 +52,8 @@ _ROLE_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha"
                   ".lora.down.weight": "down", ".lora.up.weight": "up", ".dora_scale": "dora_scale",
                   ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a",
                   ".hada_w2_b": "hada_w2_b", ".lokr_w1": "lokr_w1", ".lokr_w2": "lokr_w2",
-                  ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b"}
+                  ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_w1_a": "lokr_w1_a",
+                  ".lokr_w1_b": "lokr_w1_b"}
 _LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
@@ -263,15 +264,16 @@ def _lycoris_module(name: str, found: dict[str, torch.Tensor]) -> LoHaModule | L
             return f"{name}: LoHa needs exactly {', '.join(_LOHA_ROLES)} (+ alpha); missing {missing}, other {extra}"
         alpha = float(found["alpha"]) if "alpha" in found else float(found["hada_w1_b"].shape[0])
         return LoHaModule(*(found[role] for role in _LOHA_ROLES), alpha=alpha)
-    whole, factored = "lokr_w2" in found, "lokr_w2_a" in found and "lokr_w2_b" in found
-    extra = sorted(set(found) - {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})
-    if "lokr_w1" not in found or whole == factored or extra:
-        return (f"{name}: LoKr needs lokr_w1 and either lokr_w2 or lokr_w2_a + lokr_w2_b (+ alpha); found "
-                f"{sorted(found)} (factored lokr_w1_a/_b and CP cores lokr_t2 are not read)")
-    rank = found["lokr_w2_b"].shape[0] if factored else 1
-    alpha = float(found["alpha"]) if "alpha" in found else float(rank)
-    return LoKrModule(found["lokr_w1"], found.get("lokr_w2"), found.get("lokr_w2_a"), found.get("lokr_w2_b"),
-                      alpha=alpha)
+    one_w1 = ("lokr_w1" in found) != ("lokr_w1_a" in found and "lokr_w1_b" in found)
+    one_w2 = ("lokr_w2" in found) != ("lokr_w2_a" in found and "lokr_w2_b" in found)
+    extra = sorted(set(found) - {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})
+    if not (one_w1 and one_w2) or extra:
+        return (f"{name}: LoKr needs lokr_w1 (or lokr_w1_a + lokr_w1_b) and lokr_w2 (or lokr_w2_a + lokr_w2_b), "
+                f"+ alpha; found {sorted(found)} (CP cores lokr_t2 are not read)")
+    module = LoKrModule(found.get("lokr_w1"), found.get("lokr_w2"), found.get("lokr_w2_a"), found.get("lokr_w2_b"),
+                        alpha=0.0, w1_a=found.get("lokr_w1_a"), w1_b=found.get("lokr_w1_b"))
+    module.alpha = float(found["alpha"]) if "alpha" in found else float(module.rank)
+    return module
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:

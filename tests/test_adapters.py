@@ -470,3 +470,23 @@ def test_merge_and_resize_handle_loha_and_lokr(unet, tmp_path):
     lora_tools.resize_lora_file(files["lokr"], tmp_path / "r1.safetensors", rank=1)
     resized, header = read_lora_modules(tmp_path / "r1.safetensors")
     assert {(m.network_type, m.rank) for m in resized.values()} == {("lora", 1)} and "network_type" not in header
+
+
+def test_a_lokr_file_with_factored_w1_is_read_with_the_clients_scale(tmp_path, unet):
+    """A LoKr file from another trainer with lokr_w1_a/_b and a whole lokr_w2 (LyCORIS's decompose_both) is read:
+    delta = kron(w1_a @ w1_b, w2) * alpha / rank of w1, as A1111 and ComfyUI take it; it fuses, and
+    network_weights refuses to train it, naming the conversion."""
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    generator = torch.Generator().manual_seed(0)
+    w1_a, w1_b, w2 = (torch.randn(shape, generator=generator) for shape in ((4, 2), (2, 4), (8, 8)))
+    save_file({f"{name}.lokr_w1_a": w1_a, f"{name}.lokr_w1_b": w1_b, f"{name}.lokr_w2": w2,
+               f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "lokr.safetensors"))
+    modules, _ = read_lora_modules(tmp_path / "lokr.safetensors")
+    (module,) = modules.values()
+    assert module.rank == 2 and module.scale == 0.5
+    assert_close_to_scale(module.delta(), torch.kron(w1_a @ w1_b, w2) * 0.5, rtol=1e-6)
+    assert fuse_lora_file(tmp_path / "lokr.safetensors", unet, None) == 1
+    with pytest.raises(LoRAError, match="convert the file to a plain LoRA first"):
+        inject_from_modules(modules, unet, None, AdapterSpec(), ("f", "0"), "lokr.safetensors")
