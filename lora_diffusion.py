@@ -93,8 +93,10 @@ class LoRALayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.multiplier == 0 or self.skips_this_pass():
+        if self.multiplier == 0:
             return out
+        if self.skips_this_pass():
+            return self.left_out(out)
         if not torch.is_autocast_enabled(x.device.type):
             # Under autocast the matmuls cast x to the autocast dtype themselves: an fp32 copy first would be
             # wasted work (and memory kept for the backward pass) with the same result.

@@ -50,6 +50,12 @@ class AdapterLayer(nn.Module):
         generator per pass, none when module_dropout is 0, so runs without it draw exactly as before)."""
         return self.training and self.module_dropout > 0 and torch.rand(1).item() < self.module_dropout
 
+    def left_out(self, out: torch.Tensor) -> torch.Tensor:
+        """`out` for a pass module dropout skipped, with this layer's parameters still in the graph (at gradient
+        0): several-GPU training all-reduces every parameter's gradient at each step and stops when one took no part
+        in the pass. Adding -0.0 or 0.0 leaves every value as it is."""
+        return out + sum(p.sum() for p in self.trainable_parameters()) * 0
+
     def kept_share(self, count: int, device: torch.device) -> torch.Tensor | None:
         """Rank dropout's mask over `count` ranks or rows, already scaled by 1 / (1 - p); None when off."""
         if not (self.training and self.rank_dropout > 0):
@@ -65,8 +71,10 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.multiplier == 0 or self.skips_this_pass():
+        if self.multiplier == 0:
             return out
+        if self.skips_this_pass():
+            return self.left_out(out)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.float32)  # under autocast the operation casts x itself
         delta = self.training_delta()

@@ -245,7 +245,11 @@ def test_module_dropout_leaves_the_whole_update_out():
         perturb(layer.trainable_parameters())
         x = inputs_for(base)
         torch.manual_seed(0)
-        assert torch.equal(layer(x), base(x))
+        out = layer(x)
+        assert torch.equal(out, base(x))
+        # the skipped layer's parameters stay in the graph at gradient 0 (several-GPU training needs them there)
+        grads = torch.autograd.grad(out.sum(), layer.trainable_parameters())
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_rank_dropout_keeps_the_expected_update():
