@@ -494,3 +494,26 @@ def test_a_lokr_file_with_factored_w1_is_read_with_the_clients_scale(tmp_path, u
     assert fuse_lora_file(tmp_path / "lokr.safetensors", unet, None) == 1
     with pytest.raises(LoRAError, match="convert the file to a plain LoRA first"):
         inject_from_modules(modules, unet, None, AdapterSpec(), ("f", "0"), "lokr.safetensors")
+
+
+def test_module_dropout_trains_on_two_processes(tiny_model_dir, tmp_path):
+    """Two CPU processes (torchrun, gloo; DDP all-reduces every parameter's gradient) train a LoHa with module and
+    rank dropout to the end: a module skipped on one process still takes part in the reduction."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "train_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_path",
+               str(REPO_ROOT / "examples" / "dataset"), "--output_dir", str(tmp_path / "run"), "--resolution", "64",
+               "--max_train_steps", "3", "--checkpointing_steps", "0", "--sample_steps", "0", "--sample_prompts",
+               "--interop_check", "false", "--network_type", "loha", "--module_dropout", "0.5", "--rank_dropout", "0.2"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    modules, _ = read_lora_modules(tmp_path / "run" / "pytorch_lora_weights.safetensors")
+    assert {m.network_type for m in modules.values()} == {"loha"}
