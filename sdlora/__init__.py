@@ -8,7 +8,8 @@ prompts and images), `report` (the run's HTML report), `class_images` (prior pre
 toy world and tiny test models), and the CPU speed helpers `attention` and `cpu_kernels`.
 
 train_lora.py's phases, in the order its `main` runs them: `preflight` (minute-0 checks), `loading` (models,
-LoRA injection), `network_weights` (starting from a LoRA file), `training_data` (datasets, caches, batches), `training_step` (noise, loss, update), `stopping`
-(signals, non-finite steps), `resuming` (checkpoints of a run), `training_log`, `validation` (held-out loss),
-`training_samples`, `run_files` (the run folder's file names and files) and `summary` (the end of a run).
+LoRA injection), `network_weights` (starting from a LoRA file), `training_data` (datasets, caches, batches),
+`training_step` (noise, loss, update), `stopping` (signals, non-finite steps), `resuming` (checkpoints of a
+run), `training_log`, `validation` (held-out loss), `training_samples`, `run_files` (the run folder's file names
+and files) and `summary` (the end of a run).
 """
