@@ -127,8 +127,9 @@ class LoRALayer(AdapterLayer):
 
     @torch.no_grad()
     def load_file_module(self, module: LoRAModule) -> None:
-        self.down.weight.copy_(module.down)
-        self.up.weight.copy_(module.up)
+        # reshaped: some trainers store a 1x1 convolution's factors 2-D
+        self.down.weight.copy_(module.down.reshape(self.down.weight.shape))
+        self.up.weight.copy_(module.up.reshape(self.up.weight.shape))
 
 
 class DoRALayer(LoRALayer):
