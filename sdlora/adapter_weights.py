@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 
-def factorization(dimension: int, factor: int) -> tuple[int, int]:
+def factorization(dimension: int, factor: int) -> tuple[int, int] | None:
     """LoKr's split of a dimension into (m, n), m * n = dimension, m <= n (LyCORIS's rule): `factor` > 0 takes
     m = factor (or n = factor, whichever keeps m <= n) and must divide the dimension; `factor` -1 takes the most
     balanced split, m the largest divisor <= sqrt(dimension). Returns None when `factor` does not divide it."""
@@ -28,7 +28,8 @@ def factorization(dimension: int, factor: int) -> tuple[int, int]:
 
 def weight_decompose(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
     """DoRA (Liu et al. 2024, arXiv:2402.09353) as AUTOMATIC1111 and ComfyUI merge a `dora_scale` file: with
-    W' = W + delta (delta already scaled by alpha / rank), the new weight is dora_scale * W' / ||W'|| and the returned
+    W' = W + delta (delta already scaled by alpha / rank: A1111's `finalize_updown` scales before it decomposes, and
+    ComfyUI multiplies the diff by alpha first), the new weight is dora_scale * W' / ||W'|| and the returned
     difference is that minus W. The norm is taken per *input* column (over the output and kernel axes):
     A1111 network.py `NetworkModule.apply_weight_decompose` always does so (`merged.transpose(0, 1).reshape(in, -1)
     .norm(dim=1)`), and ComfyUI base.py `weight_decompose` does when `dora_scale.shape[0]` is not the output size,
@@ -38,7 +39,8 @@ def weight_decompose(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torc
     shaped like `weight`."""
     weight = weight.float()
     merged = weight + delta.float().reshape(weight.shape)
-    return merged * (dora_scale.float().reshape(column_norm(merged).shape) / column_norm(merged)) - weight
+    norm = column_norm(merged)
+    return merged * (dora_scale.float().reshape(norm.shape) / norm) - weight
 
 
 def column_norm(weight: torch.Tensor) -> torch.Tensor:
