@@ -182,7 +182,7 @@ def test_interop_self_test_reads_every_type_in_full_at_the_trained_delta(sd1_lay
         assert report["diffusers"].startswith(f"not readable by diffusers ({network_type})")
 
 
-def test_interop_fused_output_catches_a_wrong_dora_axis(sd1_layout_unet, tmp_path):
+def test_interop_fused_output_catches_a_wrong_dora_magnitude(sd1_layout_unet, tmp_path):
     """A DoRA file whose magnitude is changed after saving no longer reproduces the network's outputs: the
     self-test's merged-output comparison sees what the names alone cannot."""
     network = inject_trainable_lora(sd1_layout_unet, rank=2, alpha=1.0, spec=AdapterSpec("dora"))
