@@ -110,7 +110,8 @@ def load_pipeline(cfg, loras: list[tuple[Path, float]]):
         cfg.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     scheduler_class = getattr(diffusers, SCHEDULERS[cfg.scheduler])
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
-    # Fused: W += multiplier * (alpha / rank) * up @ down, so sampling costs exactly what the base model costs.
+    # Fused: W += multiplier * the file's delta ((alpha / rank) * up @ down for LoRA; DoRA, LoHa and LoKr as A1111
+    # and ComfyUI merge them), so sampling costs exactly what the base model costs.
     for path, multiplier in loras:
         changed = fuse_lora_file(path, pipeline.unet, pipeline.text_encoder, multiplier)
         print(f"LoRA {path} fused at multiplier {multiplier} into {changed} modules")

@@ -32,6 +32,12 @@ lora_dropout = 0.0  # dropout on the LoRA input
 lora_targets = "attention"  # attention: q/k/v/out projections; all: also feed-forward and proj_in/proj_out
 conv_rank = 0  # LoCon: also LoRA on the 3x3 convolutions of ResNet blocks and samplers (kohya's conv_dim); 0: off
 conv_alpha = 1.0  # conv update scale is conv_alpha / conv_rank (kohya's conv_alpha)
+network_type = "lora"  # lora; dora: LoRA + a magnitude per input column; loha: Hadamard; lokr: Kronecker (LyCORIS)
+lokr_factor = -1  # LoKr: split each dimension as factor x rest (it must divide them); -1: the most balanced split
+network_dropout = 0.0  # kohya's: dropout on the down projection's output (lora only); 0: off
+rank_dropout = 0.0  # leave out each rank (lora, dora) or update row (loha, lokr) with this probability; 0: off
+module_dropout = 0.0  # leave out a module's whole update with this probability at each pass; 0: off
+network_weights = ""  # start from this LoRA file (ours, kohya's, diffusers/PEFT): type, ranks, alphas, targets from it
 train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
 text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rate
 # --- optimisation ---
@@ -107,7 +113,9 @@ from diffusers.optimization import get_scheduler
 from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
+from lora_diffusion import NETWORK_TYPES
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
+from sdlora.network_weights import check_network_weights
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.optimizers import build_optimizer, optimizer_problem
 from sdlora.preflight import check_data, check_free_disk
@@ -163,7 +171,16 @@ def check_config(cfg: argparse.Namespace) -> None:
                 "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "validation_loss_steps")
                 if getattr(cfg, name) < 0]
     need(not negative, f"{', '.join(negative)}: step counts, epochs and limits cannot be negative; use 0 or more")
-    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
+    for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
+        need(0 <= getattr(cfg, name) < 1, f"--{name} {getattr(cfg, name)}: a probability in [0, 1); 0 turns it off")
+    need(cfg.network_type in NETWORK_TYPES,
+         f"--network_type {cfg.network_type!r}: choose one of {', '.join(NETWORK_TYPES)}")
+    need(cfg.network_dropout == 0 or cfg.network_type == "lora",
+         f"--network_dropout {cfg.network_dropout} with --network_type {cfg.network_type}: only LoRA has a down "
+         f"projection to drop out; use --rank_dropout or --module_dropout, or --network_type lora")
+    need(cfg.lokr_factor == -1 or cfg.lokr_factor >= 1,
+         f"--lokr_factor {cfg.lokr_factor}: a positive divisor of the layers' dimensions (e.g. 4 or 8), or -1")
+    check_network_weights(cfg, DEFAULTS)
     need(cfg.lora_targets in LORA_TARGETS, f"--lora_targets {cfg.lora_targets!r}: choose one of {', '.join(LORA_TARGETS)}")
     need(0 <= cfg.caption_dropout < 1, f"--caption_dropout {cfg.caption_dropout}: a probability in [0, 1)")
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
@@ -328,7 +345,7 @@ def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
     text_encoder_lr."""
     groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
-                          for p in (layer.down.weight, layer.up.weight)], "lr": lr}
+                          for p in layer.trainable_parameters()], "lr": lr}
               for model_name, lr in (("unet", cfg.learning_rate),
                                      ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
     return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)

@@ -195,6 +195,12 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler,
 # ---------------------------------------------------------------------------------------------------------------
 # Resuming: which checkpoint, and whether it belongs to this run
 
+# Run-defining settings added after checkpoints were first written, with the value that gives the behaviour every
+# earlier run had: an older checkpoint lacks them and still resumes exactly at these values.
+SETTINGS_ADDED_LATER = {"network_type": "lora", "lokr_factor": -1, "network_dropout": 0.0, "rank_dropout": 0.0,
+                        "module_dropout": 0.0, "network_weights": ""}
+
+
 def run_identity(cfg, names: tuple[str, ...], num_processes: int) -> dict:
     """The settings (`names`, train_lora.RUN_DEFINING) a resumed run must share with the original to finish with
     the same LoRA, and the process count."""
@@ -233,6 +239,7 @@ def check_resume_matches(folder: Path, identity: dict, dataset_fingerprint: str,
     state = read_state(folder)
     # A checkpoint written before a setting was renamed saved it under its old name.
     saved = {RENAMED_FLAGS.get(name, name): value for name, value in state.get("run_identity", {}).items()}
+    saved = SETTINGS_ADDED_LATER | saved  # a checkpoint from before a setting existed ran with its old behaviour
     differences = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
                    for name, value in identity.items() if saved.get(name) != value]
     if state.get("dataset_fingerprint") != dataset_fingerprint:

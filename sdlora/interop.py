@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlora.files import atomic_write
-from lora_diffusion import LoRALayer
+from sdlora.adapters import AdapterLayer
 from sdlora.lora_file import (
-    MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, kohya_name, our_path, parse_lora_tensors,
-    read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
+    MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, fuse_lora_file, kohya_name, our_path,
+    parse_lora_tensors, read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
 )
 
 _RESNET_LDM_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -30,6 +30,10 @@ _COMFYUI_CLIP_TARGETS = r"layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1
 _DELTA_TOLERANCE = 1e-4  # file and network deltas are both fp32: they differ by summation order only
 # What the report says when diffusers' loader cannot be tried, and how to enable it (peft is in requirements.txt).
 PEFT_MISSING = "skipped: peft not installed (`pip install peft` enables this check)"
+# The adapter types diffusers loads at the trained strength. It refuses LoHa and LoKr keys, and drops a DoRA file's
+# `dora_scale` with a warning (loading the bare LoRA, at the wrong weights): for those the report says what
+# diffusers did and the verdict does not count it; `lora_tools.py convert --to lora` makes the nearest plain LoRA.
+DIFFUSERS_TYPES = ("lora",)
 
 
 def _a1111_name(name: str) -> str:
@@ -91,10 +95,10 @@ def _ldm_unet_path(module_path: str, layers_per_block: int, up_level_has_attenti
 
 
 def _layer_paths(model: nn.Module | None, model_name: str) -> list[str]:
-    """Our paths of the modules that hold a weight, a LoRALayer standing for the layer it wraps."""
+    """Our paths of the modules that hold a weight, an adapter layer standing for the layer it wraps."""
     if model is None:
         return []
-    wrapped = {path for path, module in model.named_modules() if isinstance(module, LoRALayer)}
+    wrapped = {path for path, module in model.named_modules() if isinstance(module, AdapterLayer)}
     paths = wrapped | {path for path, module in model.named_modules()
                        if isinstance(getattr(module, "weight", None), torch.Tensor)
                        and path.rpartition(".")[0] not in wrapped}
@@ -133,32 +137,39 @@ def _comfyui_unmatched(names: list[str], unet: nn.Module, text_encoder: nn.Modul
     return [name for name in names if name not in known]
 
 
-def _network_layers(models: dict[str, nn.Module]) -> dict[tuple[str, str], LoRALayer]:
+def _network_layers(models: dict[str, nn.Module]) -> dict[tuple[str, str], AdapterLayer]:
     return {(model_name, our_path(model_name, path)): module for model_name, model in models.items()
-            for path, module in model.named_modules() if isinstance(module, LoRALayer)}
+            for path, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 
-def _delta_error(modules: LoRAModules, layers: dict[tuple[str, str], LoRALayer]) -> float:
+def _delta_error(modules: LoRAModules, layers: dict[tuple[str, str], AdapterLayer]) -> float:
     """max over shared modules of |delta_file x - delta_network x| / max(1, |delta_network x|) for a fixed x:
-    the file's (alpha / rank) up @ down against the network's own scale * up(down(x)). For a convolution x is one
-    kernel-sized patch, taken without the layer's stride and padding, so down(x) is one output pixel."""
+    the delta the clients make of the file's module (adapter_weights.py, lora_file.LoRAModule.delta: alpha / rank,
+    LoKr's scale rule, DoRA's decomposition against the base weight) against the network's own update. For LoRA the
+    network's side is its forward path scale * up(down(x)), for the other types the update weight the layer applies.
+    For a convolution x is one kernel-sized patch, taken without the layer's stride and padding."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for key in sorted(modules.keys() & layers.keys()):
         layer = layers[key]
-        x = torch.randn(2, *layer.down.weight.shape[1:], generator=generator).to(layer.down.weight.device)
+        weight = layer.base.weight
+        x = torch.randn(2, *weight.shape[1:], generator=generator).to(weight.device)
         with torch.no_grad():
-            down = F.conv2d(x, layer.down.weight) if isinstance(layer.down, nn.Conv2d) else layer.down(x)
-            expected = (layer.scale * layer.up(down)).flatten(1).cpu()
-        from_file = x.flatten(1).cpu() @ modules[key].delta().T
+            if layer.network_type == "lora":
+                down = F.conv2d(x, layer.down.weight) if isinstance(layer.down, nn.Conv2d) else layer.down(x)
+                expected = (layer.scale * layer.up(down)).flatten(1).cpu()
+            else:
+                expected = x.flatten(1) @ layer.delta_weight().flatten(1).T
+        from_file = x.flatten(1).cpu() @ modules[key].delta(weight.detach().float().cpu()).T
+        expected = expected.cpu()
         worst = max(worst, ((from_file - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item())
     return worst
 
 
 def _without_lora(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` with every LoRALayer replaced by the layer it wraps: the frozen base model."""
+    """A deep copy of `model` with every adapter layer replaced by the layer it wraps: the frozen base model."""
     base = copy.deepcopy(model)
-    for path in [p for p, m in base.named_modules() if isinstance(m, LoRALayer)]:
+    for path in [p for p, m in base.named_modules() if isinstance(m, AdapterLayer)]:
         parent, _, child = path.rpartition(".")
         setattr(base.get_submodule(parent), child, base.get_submodule(path).base)
     return base.eval()
@@ -180,7 +191,7 @@ def _probe_outputs(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str,
 
 
 @contextmanager
-def _at_full_strength(models: list[nn.Module], layers: list[LoRALayer]) -> Iterator[None]:
+def _at_full_strength(models: list[nn.Module], layers: list[AdapterLayer]) -> Iterator[None]:
     """Eval mode (no dropout) and multiplier 1 on every LoRA layer for the duration; restored afterwards."""
     modes = [(model, model.training) for model in models]
     multipliers = [(layer, layer.multiplier) for layer in layers]
@@ -237,6 +248,18 @@ def _diffusers_check(path: Path, models: dict[str, nn.Module], names: list[str],
     return "ok"
 
 
+def _fused_output_error(path: Path, models: dict[str, nn.Module], reference: dict[str, torch.Tensor]
+                        ) -> dict[str, float]:
+    """Each model's output with the file merged into copies of the base weights by the clients' rules (the deltas
+    of lora_file.lora_deltas: DoRA decomposed, LoKr's scale) against the network's own, relative to max(1, |out|):
+    what AUTOMATIC1111 and ComfyUI draw with the file at strength 1, against what training computed."""
+    bases = {model_name: _without_lora(model) for model_name, model in models.items()}
+    fuse_lora_file(path, bases["unet"], bases.get("text_encoder"))
+    outputs = _probe_outputs(bases["unet"], bases.get("text_encoder"))
+    return {name: ((outputs[name] - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item()
+            for name, expected in reference.items()}
+
+
 def _module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Every module name in a file as spelled there, unchecked (a typo stays a typo); a key that is no LoRA
     tensor stands for itself."""
@@ -260,12 +283,17 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
         SD 1.x (see _a1111_name, _comfyui_unmatched); names that miss, or land on another module, are listed.
         A1111 matches no diffusers/PEFT name and ComfyUI misses their attention and text-encoder modules:
         convert such files with --to kohya.
-    (c) the delta: each module's (alpha / rank) up @ down from the file, applied to a fixed x, against the
-        network's own scale * up(down(x)); the worst difference relative to max(1, |delta x|), at most 1e-4.
+    (c) the delta: each module's delta as the clients compute it from the file (alpha / rank, LoKr's scale rule,
+        DoRA's decomposition against the base weight), applied to a fixed x, against the network's own update;
+        the worst difference relative to max(1, |delta x|), at most 1e-4.
+    (d) the merged outputs: the file merged into copies of the base models by those rules (what A1111 and ComfyUI
+        draw with at strength 1) against the network's outputs on a fixed input (the tolerance of (a)).
+    LoHa, LoKr and DoRA files are beyond diffusers (DIFFUSERS_TYPES): what it did is reported, not counted.
 
-    Returns {"file", "diffusers": "ok" | PEFT_MISSING | reason, "a1111_unmatched",
-    "comfyui_unmatched", "network_unmatched" (modules only one of file and network has), "file_problems" (keys
-    that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside the file."""
+    Returns {"file", "network_type", "diffusers": "ok" | PEFT_MISSING | reason, "fused_output_error" (per model),
+    "a1111_unmatched", "comfyui_unmatched", "network_unmatched" (modules only one of file and network has),
+    "file_problems" (keys that are no SD 1.x LoRA), "max_delta_error", "ok"}; write_interop_report saves it beside
+    the file."""
     path = Path(path)
     tensors, metadata = read_lora_file(path)
     modules, problems = parse_lora_tensors(tensors, metadata)
@@ -280,19 +308,30 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
     with _at_full_strength(list(models.values()), list(layers.values())):
         reference = _probe_outputs(unet, text_encoder)
         max_delta_error = _delta_error(modules, layers)
+    diffusers = _diffusers_check(path, models, [_kohya_spelling(name) for name in names], reference)
+    types = sorted({module.network_type for module in modules.values()})
+    unreadable = [t for t in types if t not in DIFFUSERS_TYPES]
+    if unreadable and diffusers != "ok":
+        diffusers = (f"not readable by diffusers ({', '.join(unreadable)}): {diffusers}; the nearest plain LoRA: "
+                     f"python lora_tools.py convert FILE OUT --to lora --rank 16")
     report = {
         "file": str(path),
-        "diffusers": _diffusers_check(path, models, [_kohya_spelling(name) for name in names], reference),
+        "network_type": ",".join(types),
+        "diffusers": diffusers,
+        # Only a file the clients read in full can be merged; the lists below say what stops the others.
+        "fused_output_error": (_fused_output_error(path, models, reference)
+                               if not problems and modules.keys() == layers.keys() else {}),
         "a1111_unmatched": _a1111_unmatched(names, unet, text_encoder),
         "comfyui_unmatched": _comfyui_unmatched(names, unet, text_encoder),
         "network_unmatched": sorted(kohya_name(*key) for key in modules.keys() ^ layers.keys()),
         "file_problems": problems,
         "max_delta_error": max_delta_error,
     }
-    report["ok"] = (report["diffusers"] in ("ok", PEFT_MISSING)
-                    and max_delta_error <= _DELTA_TOLERANCE
-                    and not any(report[k] for k in ("a1111_unmatched", "comfyui_unmatched", "network_unmatched",
-                                                    "file_problems")))
+    report["ok"] = (report["diffusers"] in ("ok", PEFT_MISSING) or bool(unreadable)) \
+        and (max_delta_error <= _DELTA_TOLERANCE
+             and all(error <= _output_tolerance(models[name]) for name, error in report["fused_output_error"].items())
+             and not any(report[k] for k in ("a1111_unmatched", "comfyui_unmatched", "network_unmatched",
+                                             "file_problems")))
     return report
 
 

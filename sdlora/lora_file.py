@@ -5,6 +5,9 @@ kohya / AUTOMATIC1111 (keys `lora_unet_<path>.lora_down.weight`, `.lora_up.weigh
 which diffusers, A1111 and ComfyUI all load at the same strength) and diffusers / PEFT (`unet.<path>.lora_A.weight`,
 alphas in the `lora_adapter_metadata` header). See FORMATS.md in the shared notes for what each consumer reads.
 
+LoHa, LoKr and DoRA modules (adapter_weights.py) share the kohya layout's names, with their own suffixes
+(`hada_w1_a`, `lokr_w1`, `dora_scale`, ...); the diffusers/PEFT layout holds plain LoRA only.
+
 In memory, modules are keyed by (model, module path) with model in MODEL_NAMES; kohya names exist only in the
 file and are made (kohya_name) and parsed (lora_module_path) here alone. Needs no LoRA layer and no training code.
 """
@@ -21,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from sdlora.adapter_weights import LoHaModule, LoKrModule, weight_decompose
 from sdlora.files import atomic_write
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -45,7 +49,12 @@ _MOST_WORDS_IN_A_SEGMENT = 3  # time_emb_proj
 
 _ROLE_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
                   ".lora_A.weight": "down", ".lora_B.weight": "up",
-                  ".lora.down.weight": "down", ".lora.up.weight": "up"}
+                  ".lora.down.weight": "down", ".lora.up.weight": "up", ".dora_scale": "dora_scale",
+                  ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a",
+                  ".hada_w2_b": "hada_w2_b", ".lokr_w1": "lokr_w1", ".lokr_w2": "lokr_w2",
+                  ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_w1_a": "lokr_w1_a",
+                  ".lokr_w1_b": "lokr_w1_b"}
+_LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 class LoRAError(ValueError):
@@ -54,7 +63,8 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRAModule:
-    """One module's LoRA as a file stores it: delta W = (alpha / rank) * up @ down.
+    """One module's LoRA as a file stores it: delta W = (alpha / rank) * up @ down; with a DoRA magnitude
+    `dora_scale` [1, in(, 1, 1)], the delta is that decomposed against the base weight (weight_decompose).
 
     down: [rank, in] (Linear) or [rank, in, k, k] (k x k Conv2d); up: [out, rank] or [out, rank, 1, 1].
     """
@@ -62,6 +72,15 @@ class LoRAModule:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def network_type(self) -> str:
+        return "lora" if self.dora_scale is None else "dora"
+
+    @property
+    def shape_2d(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.flatten(1).shape[1]
 
     @property
     def rank(self) -> int:
@@ -71,13 +90,27 @@ class LoRAModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(alpha / rank) * up @ down as an fp32 [out, in * k * k] matrix (a k x k kernel flattened as
-        Conv2d weights are, so reshaping it to the weight's shape gives the kernel's delta)."""
-        return self.scale * (self.up.flatten(1).float() @ self.down.flatten(1).float())
+        Conv2d weights are, so reshaping it to the weight's shape gives the kernel's delta). A DoRA module needs
+        the base `weight` its magnitude decomposes against."""
+        low_rank = self.scale * (self.up.flatten(1).float() @ self.down.flatten(1).float())
+        if self.dora_scale is None:
+            return low_rank
+        if weight is None:
+            raise LoRAError("a DoRA module's delta depends on the base model's weight; give the base model "
+                            "(e.g. --base_model for lora_tools.py)")
+        return weight_decompose(weight, low_rank, self.dora_scale).flatten(1)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The kohya keys: `<name>.lora_down.weight`, `.lora_up.weight`, a 0-d fp32 `.alpha` (and `.dora_scale`)."""
+        found = {f"{name}.lora_down.weight": self.down, f"{name}.lora_up.weight": self.up,
+                 f"{name}.alpha": torch.tensor(self.alpha, dtype=torch.float32)}
+        return found | ({f"{name}.dora_scale": self.dora_scale} if self.dora_scale is not None else {})
 
 
-LoRAModules = dict[tuple[str, str], LoRAModule]  # (model, module path) -> LoRAModule; model in MODEL_NAMES
+AdapterModule = LoRAModule | LoHaModule | LoKrModule  # what a file holds for one module; see network_type
+LoRAModules = dict[tuple[str, str], AdapterModule]  # (model, module path) -> its module; model in MODEL_NAMES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +229,13 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     modules = {}
     for (model_name, module_path), found in sorted(parts.items(), key=lambda item: module_order(item[0])):
         name = kohya_name(model_name, module_path)
+        if any(role.startswith(("hada_", "lokr_")) for role in found):
+            module = _lycoris_module(name, found)
+            if isinstance(module, str):
+                problems.add(module)
+            else:
+                modules[(model_name, module_path)] = module
+            continue
         if "down" not in found or "up" not in found:
             problems.add(f"{name}: no {'down/lora_A' if 'down' not in found else 'up/lora_B'} weight")
             continue
@@ -207,8 +247,33 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
             alpha = float(found["alpha"])
         else:
             alpha = _peft_alpha(peft_configs.get(model_name, {}), module_path, down.shape[0])
-        modules[(model_name, module_path)] = LoRAModule(down=down, up=up, alpha=alpha)
+        modules[(model_name, module_path)] = LoRAModule(down=down, up=up, alpha=alpha,
+                                                        dora_scale=found.get("dora_scale"))
     return modules, sorted(problems)
+
+
+def _lycoris_module(name: str, found: dict[str, torch.Tensor]) -> LoHaModule | LoKrModule | str:
+    """The LoHa or LoKr module of one name's tensors, or a line saying why they are none. Missing alpha: alpha =
+    rank (scale 1), as for LoRA."""
+    if "dora_scale" in found:
+        return f"{name}: a DoRA magnitude on a LoHa/LoKr module (only LoRA + dora_scale is read)"
+    if any(role.startswith("hada_") for role in found):
+        missing = [role for role in _LOHA_ROLES if role not in found]
+        extra = sorted(set(found) - set(_LOHA_ROLES) - {"alpha"})
+        if missing or extra:
+            return f"{name}: LoHa needs exactly {', '.join(_LOHA_ROLES)} (+ alpha); missing {missing}, other {extra}"
+        alpha = float(found["alpha"]) if "alpha" in found else float(found["hada_w1_b"].shape[0])
+        return LoHaModule(*(found[role] for role in _LOHA_ROLES), alpha=alpha)
+    one_w1 = ("lokr_w1" in found) != ("lokr_w1_a" in found and "lokr_w1_b" in found)
+    one_w2 = ("lokr_w2" in found) != ("lokr_w2_a" in found and "lokr_w2_b" in found)
+    extra = sorted(set(found) - {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})
+    if not (one_w1 and one_w2) or extra:
+        return (f"{name}: LoKr needs lokr_w1 (or lokr_w1_a + lokr_w1_b) and lokr_w2 (or lokr_w2_a + lokr_w2_b), "
+                f"+ alpha; found {sorted(found)} (CP cores lokr_t2 are not read)")
+    module = LoKrModule(found.get("lokr_w1"), found.get("lokr_w2"), found.get("lokr_w2_a"), found.get("lokr_w2_b"),
+                        alpha=0.0, w1_a=found.get("lokr_w1_a"), w1_b=found.get("lokr_w1_b"))
+    module.alpha = float(found["alpha"]) if "alpha" in found else float(module.rank)
+    return module
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -270,13 +335,11 @@ def read_lora_modules(path: str | Path) -> tuple[LoRAModules, dict[str, str]]:
 
 def kohya_tensors(modules: LoRAModules) -> dict[str, torch.Tensor]:
     """The kohya layout of `modules`: `<name>.lora_down.weight`, `<name>.lora_up.weight` and a 0-d fp32
-    `<name>.alpha` per module, tensors as they are."""
+    `<name>.alpha` per module (LoHa, LoKr and DoRA with their own keys, see each module's `tensors`), tensors as
+    they are."""
     tensors = {}
     for (model_name, module_path), module in modules.items():
-        name = kohya_name(model_name, module_path)
-        tensors[f"{name}.lora_down.weight"] = module.down
-        tensors[f"{name}.lora_up.weight"] = module.up
-        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        tensors |= module.tensors(kohya_name(model_name, module_path))
     return tensors
 
 
@@ -289,6 +352,11 @@ def write_lora_file(path: str | Path, modules: LoRAModules, metadata: dict[str, 
         tensors = kohya_tensors(modules)
         header = {k: v for k, v in metadata.items() if k not in _PEFT_HEADER_KEYS}
     elif layout == "peft":
+        others = sorted({m.network_type for m in modules.values()} - {"lora"})
+        if others:
+            raise LoRAError(f"the diffusers/PEFT layout holds plain LoRA only, this file has {', '.join(others)} "
+                            f"modules; keep the kohya layout (which A1111 and ComfyUI read), or make a plain LoRA "
+                            f"first: python lora_tools.py convert FILE OUT --to lora --rank 16")
         tensors = {}
         for (model_name, module_path), module in modules.items():
             tensors[f"{model_name}.{module_path}.lora_A.weight"] = module.down
@@ -384,12 +452,12 @@ def lora_deltas(
     deltas = {}
     for (model_name, module_path), module in modules.items():
         weight = targets[(model_name, module_path)].weight
-        delta = module.delta()
-        if delta.numel() != weight.numel():
-            raise LoRAError(f"{path}: {model_name} module {module_path} has weights for shape "
-                            f"{tuple(module.up.shape[:1]) + tuple(module.down.shape[1:])}, the model has "
-                            f"{tuple(weight.shape)} (a LoRA for another base model?)")
-        deltas[(model_name, module_path)] = delta.reshape(weight.shape)
+        out_features, in_size = module.shape_2d
+        if out_features * in_size != weight.numel() or out_features != weight.shape[0]:
+            raise LoRAError(f"{path}: {model_name} module {module_path} has {module.network_type} weights for a "
+                            f"[{out_features}, {in_size}] weight, the model's is {tuple(weight.shape)} (a LoRA for "
+                            f"another base model?)")
+        deltas[(model_name, module_path)] = module.delta(weight.detach().float().cpu()).reshape(weight.shape)
     return deltas
 
 

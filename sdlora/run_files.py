@@ -39,7 +39,7 @@ def lora_metadata(cfg, dataset: "CustomDataset", step: int, started_at: str) -> 
         "ss_output_name": name, "ss_sd_model_name": cfg.pretrained_model_name_or_path,
         "ss_base_model_version": "sd_v1", "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_num_train_images": str(len(dataset.examples)), "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate),
-        "ss_training_started_at": started_at, "ss_network_dropout": str(cfg.lora_dropout),
+        "ss_training_started_at": started_at, "ss_network_dropout": str(cfg.network_dropout),
         "ss_tag_frequency": json.dumps({Path(cfg.dataset_path).name: dict(tag_frequency.most_common(200))}),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": name,

@@ -27,9 +27,10 @@ def interop_self_test(final_path: Path, accelerator, models, text_encoder_traine
         log.error(f"interop self-test could not run ({error}); the LoRA file is saved")
         return
     verdict = "ok" if result["ok"] else "PROBLEMS"
+    merged = max(result["fused_output_error"].values(), default=float("nan"))
     print(f"interop self-test: {verdict} (diffusers: {result['diffusers']}; unmatched keys: A1111 "
           f"{len(result['a1111_unmatched'])}, ComfyUI {len(result['comfyui_unmatched'])}; max delta error "
-          f"{result['max_delta_error']:.1e}) -> {written}")
+          f"{result['max_delta_error']:.1e}; merged by their rules, output error {merged:.1e}) -> {written}")
 
 
 def write_run_report(output_dir: Path) -> Path | str:
