@@ -91,16 +91,8 @@ class LoRALayer(AdapterLayer):
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.multiplier == 0:
-            return out
-        if self.skips_this_pass():
-            return self.left_out(out)
-        if not torch.is_autocast_enabled(x.device.type):
-            # Under autocast the matmuls cast x to the autocast dtype themselves: an fp32 copy first would be
-            # wasted work (and memory kept for the backward pass) with the same result.
-            x = x.to(self.down.weight.dtype)
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier x scale x up(down(x)), with the dropouts in training (AdapterLayer.forward around it)."""
         hidden = self.network_dropout(self.down(self.dropout(x)))
         scale = self.scale
         if self.training and self.rank_dropout > 0:
@@ -110,8 +102,7 @@ class LoRALayer(AdapterLayer):
                 (hidden.shape[0], *[1] * (hidden.dim() - 2), self.rank)
             hidden = hidden * kept.reshape(shape).to(hidden.dtype)
             scale = scale / (1 - self.rank_dropout)
-        delta = self.up(hidden)
-        return out + (self.multiplier * scale * delta).to(out.dtype)
+        return self.multiplier * scale * self.up(hidden)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.down.weight, self.up.weight]
@@ -153,8 +144,8 @@ class DoRALayer(LoRALayer):
         super().__init__(base, rank, alpha, rank_dropout=rank_dropout, module_dropout=module_dropout)
         self.magnitude = nn.Parameter(column_norm(base.weight.detach().float()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return AdapterLayer.forward(self, x)
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return AdapterLayer.update(self, x)  # the decomposed weight applied, not LoRA's two projections
 
     def delta_weight(self, kept: torch.Tensor | None = None) -> torch.Tensor:
         """W' - W (fp32, shaped like the base weight); `kept` scales the ranks (rank dropout's mask)."""

@@ -76,9 +76,14 @@ class AdapterLayer(nn.Module):
         if self.skips_this_pass():
             return self.left_out(out)
         if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.float32)  # under autocast the operation casts x itself
-        delta = self.training_delta()
-        return out + (self.multiplier * self.apply_weight(x, delta)).to(out.dtype)
+            # Under autocast the operations cast x to the autocast dtype themselves: an fp32 copy first would be
+            # wasted work (and memory kept for the backward pass) with the same result.
+            x = x.to(torch.float32)
+        return out + self.update(x).to(out.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier x the update's output for x (fp32 unless under autocast): here the delta weight applied."""
+        return self.multiplier * self.apply_weight(x, self.training_delta())
 
     def training_delta(self) -> torch.Tensor:
         """delta_weight with rank dropout's row mask in training (LyCORIS drops output rows of the update)."""
