@@ -15,6 +15,9 @@ only of one class prompt. Training starts from demo.py's recipe, then the flags 
 known prompts are sampled with and without the LoRA at the same seeds (`--per_prompt` each) and one JSON line is
 printed and appended to benchmarks/results-subject-recipes.jsonl; `grid.png` in the run folder shows the first
 24 concept samples and 12 known-prompt samples with the LoRA.
+
+`--trainer example` trains the same data, steps, rank, learning rate, batch and seed the way the diffusers example
+does (benchmarks/example_trainer.py: a PEFT LoRA in its loop) instead, for a side-by-side; it takes no flags.
 """
 
 import argparse
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
 import train_lora  # noqa: E402
+from benchmarks.example_trainer import train_like_example  # noqa: E402
 from demo import RECIPE  # noqa: E402
 from sdlora import tiny_world  # noqa: E402
 from sdlora.sampling import make_grid  # noqa: E402
@@ -74,8 +78,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--per_prompt", type=int, default=12)
     parser.add_argument("--class_world", type=int, default=0, help="world class images to draw; 0: none")
+    parser.add_argument("--trainer", default="suite", choices=("suite", "example"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / ".subject-recipe"), help="the run folder (replaced)")
     args = parser.parse_args(own)
+    if args.trainer == "example" and (flags or args.class_world):
+        parser.error("--trainer example trains as the diffusers example does, with demo.py's recipe: no flags, "
+                     "no --class_world")
     concept, out = concept_with_captions(args.concept, args.captions), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     settings = generate.parse_config(["--pretrained_model_name_or_path", str(MODEL), "--mixed_precision", "no"])
@@ -83,11 +91,19 @@ def main() -> None:
     base.set_progress_bar_config(disable=True)
     if args.class_world:
         flags = ["--class_data_path", str(draw_world_class_images(base, out / "class", args.class_world)), *flags]
-    started = time.time()
-    lora = train_lora.main(train_lora.parse_config([
-        "--pretrained_model_name_or_path", str(MODEL), "--output_dir", str(out / "run"), *RECIPE,
-        "--dataset_path", str(tiny_world.write_concept_dataset(concept, out / "data")), "--seed", str(args.seed),
-        "--sample_steps", "0", "--checkpointing_steps", "0", "--interop_check", "false", *flags]))
+    started, data = time.time(), tiny_world.write_concept_dataset(concept, out / "data")
+    if args.trainer == "example":
+        recipe = dict(zip(RECIPE[::2], RECIPE[1::2]))
+        lora = train_like_example(
+            MODEL, data, out / "run" / "pytorch_lora_weights.safetensors", rank=int(recipe["--rank"]),
+            learning_rate=float(recipe["--learning_rate"]), batch=int(recipe["--train_batch_size"]),
+            steps=int(recipe["--max_train_steps"]), warmup=int(recipe["--lr_warmup_steps"]),
+            scheduler=recipe["--lr_scheduler"], seed=args.seed)
+    else:
+        lora = train_lora.main(train_lora.parse_config([
+            "--pretrained_model_name_or_path", str(MODEL), "--output_dir", str(out / "run"), *RECIPE,
+            "--dataset_path", str(data), "--seed", str(args.seed),
+            "--sample_steps", "0", "--checkpointing_steps", "0", "--interop_check", "false", *flags]))
     train_seconds = time.time() - started
     with_lora = generate.load_pipeline(settings, [(lora, 1.0)])
     with_lora.set_progress_bar_config(disable=True)
@@ -95,7 +111,7 @@ def main() -> None:
     known = [p for p in tiny_world.KNOWN_PROMPTS for _ in range(args.per_prompt)]
     by_attribute = tiny_world.score(list(zip(known, report.images["prior_lora"])))
     own_flags = flags[2:] if args.class_world else flags  # the class folder's path is not a setting
-    result = {"concept": concept.name, "captions": args.captions, "class_world": args.class_world,
+    result = {"concept": concept.name, "trainer": args.trainer, "captions": args.captions, "class_world": args.class_world,
               "seed": args.seed, "per_prompt": args.per_prompt, "flags": " ".join(own_flags),
               "train_seconds": round(train_seconds), "concept_base": round(report.concept_base, 3),
               "concept_lora": round(report.concept_lora, 3), "prior_base": round(report.prior_base, 3),
