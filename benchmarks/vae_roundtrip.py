@@ -4,6 +4,8 @@ that refines it (issue: a testbed that can hold a subject).
     python benchmarks/vae_roundtrip.py measure [MODEL]      # read rates after the round trip; about 30 s
     python benchmarks/vae_roundtrip.py refine OUT [STEPS]   # refine the shipped VAE into a model copy in OUT, then
                                                             # measure it; about 12 minutes on 2 cores at 1600 steps
+    python benchmarks/vae_roundtrip.py blur                 # the yardstick: read rates of small shapes after a
+                                                            # Gaussian blur of 0.5-1.6 px instead of the VAE
 
 `measure` draws 48 pictures of every shape tiny_world knows (the world's, its held-out star, and the later designs
 cross, heart, crescent, ring, arrow) at each size, in every named colour on every background, sends them through
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +69,24 @@ def read_rates(vae: AutoencoderKL) -> dict:
                 tally = rates["colour"].setdefault(picture.colour, [0, 0])
                 tally[0] += reading["colour"] == picture.colour
                 tally[1] += 1
+    return rates
+
+
+def blur_rates(radii=(0.5, 0.8, 1.0, 1.3, 1.6)) -> dict[str, list[int]]:
+    """How sharp must a codec be? Small pictures of every shape, read after a Gaussian blur of each radius (px at
+    64 px) in place of the round trip: {"star": [read at radius 0.5, ...], ...}, of PER_SHAPE_AND_SIZE each."""
+    rng, colours, backgrounds = random.Random(7), tuple(tiny_world.ALL_COLOURS), tuple(tiny_world.BACKGROUNDS)
+    rates = {}
+    for shape in tiny_world.PROTOTYPE_SHAPES:
+        images = [tiny_world.draw(tiny_world.Picture(shape, colours[k % len(colours)],
+                                                     backgrounds[(k // len(colours)) % len(backgrounds)], "small"), rng)
+                  for k in range(PER_SHAPE_AND_SIZE)]
+        rates[shape] = [sum(tiny_world.classify(image.filter(ImageFilter.GaussianBlur(radius)))["shape"] == shape
+                            for image in images) for radius in radii]
+    print("| small shape | " + " | ".join(f"blur {radius} px" for radius in radii) + " |")
+    print("|---|" + "---|" * len(radii))
+    for shape, reads in rates.items():
+        print(f"| {shape} | " + " | ".join(f"{read}/{PER_SHAPE_AND_SIZE}" for read in reads) + " |")
     return rates
 
 
@@ -256,6 +276,8 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["measure"]:
         model = argv[1] if len(argv) > 1 else str(MODEL)
         print_rates(read_rates(AutoencoderKL.from_pretrained(model, subfolder="vae").eval()))
+    elif argv[:1] == ["blur"]:
+        blur_rates()
     elif argv[:1] == ["refine"] and len(argv) >= 2:
         out = Path(argv[1])
         steps = int(argv[2]) if len(argv) > 2 else REFINE_STEPS
