@@ -40,6 +40,12 @@ module_dropout = 0.0  # leave out a module's whole update with this probability 
 network_weights = ""  # start from this LoRA file (ours, kohya's, diffusers/PEFT): type, ranks, alphas, targets from it
 train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
 text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rate
+# --- pivotal tuning: a token's text embedding trained beside the LoRA, saved in the LoRA file ---
+train_token = ""  # caption word whose embedding trains, e.g. "sks"; "": off
+train_token_new = False  # add train_token to the tokenizer as a new token (needed when the tokenizer splits it)
+train_token_init = ""  # one-token word the embedding starts from, e.g. "dog"; "": the token's own embedding
+train_token_vectors = 1  # embedding vectors the token stands for (diffusers spells them tok, tok_1, ...)
+train_token_lr = 5e-4  # learning rate of the token's embedding (no weight decay)
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -343,21 +349,25 @@ def make_accelerator(cfg, output_dir: Path) -> Accelerator:
 
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
-    text_encoder_lr."""
+    text_encoder_lr, a trained token's embedding at train_token_lr."""
     groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
                           for p in layer.trainable_parameters()], "lr": lr}
               for model_name, lr in (("unet", cfg.learning_rate),
                                      ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
+    if network.token is not None:  # decay would pull the vectors towards zero, away from every word
+        groups.append({"params": [network.token.vectors], "lr": cfg.train_token_lr, "weight_decay": 0.0})
     return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)
 
 
 def prepare_for_training(cfg, accelerator: Accelerator, models: StepModels, optimizer,
                          dataloader) -> tuple[StepModels, torch.optim.Optimizer, torch.utils.data.DataLoader]:
     """accelerate's prepare on the modules holding LoRA layers (the UNet, and the text encoder when it trains), the
-    optimizer and the data; returns (`models` with the prepared modules, optimizer, dataloader)."""
-    trained = [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+    optimizer and the data; returns (`models` with the prepared modules, optimizer, dataloader). A text encoder
+    holding a trained token counts as training (its gradients are synchronised)."""
+    text_encoder_trains = cfg.train_text_encoder or bool(cfg.train_token)
+    trained = [models.unet, models.text_encoder] if text_encoder_trains else [models.unet]
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
-    text_encoder = trained[1] if cfg.train_text_encoder else models.text_encoder
+    text_encoder = trained[1] if text_encoder_trains else models.text_encoder
     return replace(models, unet=trained[0], text_encoder=text_encoder, trained=trained), optimizer, dataloader
 
 

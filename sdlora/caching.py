@@ -106,6 +106,6 @@ class EncodedDataset(Dataset):
             item["latent_mean"], item["latent_std"] = self.latents[(self.dataset.order[index], flip)]
         else:
             item["pixel_values"] = self.dataset[index]["pixel_values"]
-        if self.embeddings is not None:
+        if self.embeddings is not None and caption in self.embeddings:  # one holding a trained token is not cached
             item["text_embedding"] = self.embeddings[caption]
         return item

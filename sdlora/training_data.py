@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 
 from dataset import BucketBatchSampler, CustomDataset, WeightedItems, caption_token_counts
 from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache
+from sdlora.pivotal import add_train_token, spell_out
 from sdlora.run_files import LATENT_CACHE_DIR
 from sdlora.validation import ValidationSet
 
@@ -38,7 +39,9 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
     """(the items the loop draws, the held-out ValidationSet or None, the VAE, the text encoder): what is frozen,
     encoded once on the accelerator's device, the VAE and text encoder then None when their work is all cached (so
     their memory is freed before the UNet loads). Says why a cache is off when the settings rule it out, and how
-    many captions CLIP cuts short."""
+    many captions CLIP cuts short. A train_token is added to the tokenizer and text encoder first; captions holding
+    it are encoded at each step (its embedding trains), so the text encoder stays."""
+    token = add_train_token(cfg, tokenizer, text_encoder)
     if accelerator.is_main_process:
         report_long_captions(dataset, tokenizer)
         report_trigger_and_image_count(cfg, dataset, tokenizer)
@@ -63,14 +66,19 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
     elif cfg.cache_text_embeddings and captions is None:
         say("text-embedding cache off: tag shuffling makes new captions at each step")
     elif cfg.cache_text_embeddings:
+        if token is not None:
+            captions = {c for c in captions if cfg.train_token not in tokenizer.tokenize(c)}
+            say(f"text-embedding cache: captions holding {cfg.train_token!r} are encoded at each step (its "
+                f"embedding trains); {len(captions)} other caption(s) cached")
         embeddings = encode_text_cache(sorted(captions), tokenizer, text_encoder,
                                        (accelerator.process_index, accelerator.num_processes))
-        embeddings = gather_parts(embeddings, accelerator)
-    validation = None if validation_data is None else ValidationSet(validation_data, vae, tokenizer, text_encoder,
-                                                                     vae.config.scaling_factor, cfg.train_text_encoder)
+        embeddings = gather_parts(embeddings, accelerator) or None
+    validation = None if validation_data is None else ValidationSet(
+        validation_data, vae, tokenizer, text_encoder, vae.config.scaling_factor,
+        cfg.train_text_encoder or token is not None)
     train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
     return (train_data, validation, None if latents is not None else vae,
-            None if embeddings is not None else text_encoder)
+            None if embeddings is not None and token is None else text_encoder)
 
 
 def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
@@ -112,17 +120,18 @@ def gather_parts(part: dict, accelerator) -> dict:
 
 
 def make_collate(tokenizer):
-    """Stack what the items carry: cached latent distributions or pixels, cached text embeddings or token ids."""
+    """Stack what the items carry: cached latent distributions or pixels, cached text embeddings (when every item
+    has one) or token ids (multi-vector tokens spelled out, see pivotal.spell_out)."""
     def collate(items: list[dict]) -> dict:
         batch = {"index": torch.tensor([item["index"] for item in items]),
                  "loss_weight": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32)}
         for key in ("pixel_values", "latent_mean", "latent_std", "text_embedding"):
-            if key in items[0]:
+            if all(key in item for item in items):
                 batch[key] = torch.stack([item[key] for item in items])
         if "text_embedding" not in batch:
-            batch["input_ids"] = tokenizer([item["caption"] for item in items], padding="max_length",
-                                           truncation=True, max_length=tokenizer.model_max_length,
-                                           return_tensors="pt").input_ids
+            batch["input_ids"] = tokenizer([spell_out(item["caption"], tokenizer) for item in items],
+                                           padding="max_length", truncation=True,
+                                           max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         return batch
     return collate
 

@@ -42,10 +42,11 @@ def batch_latents(batch: dict, vae, scaling_factor: float, randomness: SampleRan
 
 
 def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
-    """Caption embeddings (B x 77 x D): cached, or from the text encoder (with gradients when it trains)."""
+    """Caption embeddings (B x 77 x D): cached, or from the text encoder (with gradients when it trains: LoRA on it,
+    or a trained token's embedding in it)."""
     if "text_embedding" in batch:
         return batch["text_embedding"]
-    with torch.set_grad_enabled(text_encoder.training):
+    with torch.set_grad_enabled(text_encoder.training or any(p.requires_grad for p in text_encoder.parameters())):
         return text_encoder(batch["input_ids"])[0]
 
 
