@@ -115,7 +115,10 @@ def add_train_token(cfg, tokenizer, text_encoder) -> TokenEmbedding | None:
 
 
 def trained_token(text_encoder) -> TokenEmbedding | None:
-    """The TokenEmbedding inside a text encoder (add_train_token put it there), or None."""
+    """The TokenEmbedding inside a text encoder (add_train_token put it there), or None (also for no text encoder:
+    one released after caching)."""
+    if text_encoder is None:
+        return None
     embedding = text_encoder.get_input_embeddings()
     return embedding if isinstance(embedding, TokenEmbedding) else None
 

@@ -177,3 +177,15 @@ def test_captions_holding_the_token_are_not_cached(star_data, tmp_path):
     seen = [items[index] for index in range(len(items))]
     assert {"text_embedding" in item for item in seen} == {True, False}
     assert all(("text_embedding" in item) == (item["caption"] == "") for item in seen)
+
+
+def test_without_a_token_the_files_are_as_before(star_data, tmp_path):
+    """Without train_token (and the text encoder released after caching), a run writes no bundle key and no
+    textual-inversion file."""
+    cfg = train_lora.parse_config([
+        "--pretrained_model_name_or_path", str(MODEL), "--dataset_path", str(star_data), "--output_dir",
+        str(tmp_path), "--resolution", "64", "--max_train_steps", "2", "--checkpointing_steps", "0",
+        "--sample_steps", "0", "--sample_prompts"])
+    final = train_lora.main(cfg)
+    assert not [key for key in load_file(str(final)) if key.startswith("bundle_emb")]
+    assert not (tmp_path / TEXTUAL_INVERSION_FILE_NAME).exists()
