@@ -59,6 +59,12 @@ max_grad_norm = 1.0  # gradient clipping; 0 turns it off
 adam_weight_decay = 1e-2  # decoupled weight decay of the optimizer (Lion: 3-10x larger)
 snr_gamma = 0.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556), 5.0 in the paper; 0: off
 noise_offset = 0.0  # extra per-channel noise offset: fuller range of brightness; 0.05-0.1 typical; 0: off
+loss_type = "l2"  # l2; huber, smooth_l1: pseudo-Huber losses, robust to odd pixels (Khrapov et al. 2024)
+huber_c = 0.1  # huber / smooth_l1 threshold (kohya's huber_c); scheduled: its value at high noise
+huber_schedule = "snr"  # constant, exponential or snr: the threshold over the timesteps, as kohya schedules it
+debiased_estimation = False  # weight each sample by 1 / sqrt(SNR_t) (kohya's debiased_estimation_loss)
+min_timestep = 0  # timesteps are drawn from [min_timestep, max_timestep), within [0, 1000)
+max_timestep = 1000  # e.g. 200 and 1000 leave out the least noisy steps (fine detail)
 ema_decay = 0.0  # keep an EMA of the LoRA weights, saved as its own file, e.g. 0.999; 0: off
 mixed_precision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU; or no, fp16, bf16
 seed = 42  # data order, crops, flips, noise and timesteps all derive from it
@@ -120,6 +126,7 @@ from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
 from lora_diffusion import NETWORK_TYPES
+from sdlora.losses import check_loss_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
@@ -195,6 +202,7 @@ def check_config(cfg: argparse.Namespace) -> None:
     problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
     need(problem is None, problem)
     check_prior_preservation(cfg)
+    check_loss_settings(cfg)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
