@@ -20,6 +20,8 @@ trigger_phrase = ""  # put first in every caption, e.g. "sks dog"
 shuffle_tags = False  # shuffle the comma-separated tags of each caption at each step
 keep_tags = 1  # tags kept in place at the front when shuffling
 caption_dropout = 0.0  # probability of training a step on the empty caption (keeps guidance working)
+masked_loss = False  # weight the loss by each picture's mask (white = learn, black = ignore): mask_path or alpha
+mask_path = ""  # folder of same-stem mask images (sub-folders as under dataset_path); "": the alpha channels
 # --- prior preservation (class images) ---
 class_data_path = ""  # folder of class images, e.g. of "a photo of a dog", trained beside the instances; "": off
 class_prompt = ""  # the class's plain prompt: caption of class images without one, and what missing ones draw
@@ -126,7 +128,7 @@ from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
 from lora_diffusion import NETWORK_TYPES
-from sdlora.losses import check_loss_settings
+from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
@@ -203,6 +205,7 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(problem is None, problem)
     check_prior_preservation(cfg)
     check_loss_settings(cfg)
+    check_mask_settings(cfg)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 

@@ -1,5 +1,6 @@
 """What the diffusion loss measures, per element and per sample: L2, or the pseudo-Huber / smooth-L1 losses with a
-threshold scheduled over the timesteps; debiased-estimation weighting; the range timesteps are drawn from.
+threshold scheduled over the timesteps; loss masks on the latent grid; debiased-estimation weighting; the range
+timesteps are drawn from.
 
 Pseudo-Huber for diffusion: Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption Resistance using
 Scheduled Pseudo-Huber Loss" (arXiv:2403.16728). The losses and schedules are those of kohya's sd-scripts
@@ -9,6 +10,7 @@ weighting is kohya's library/custom_train_functions.py apply_debiased_estimation
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,28 @@ def check_loss_settings(cfg) -> None:
         raise ConfigError(f"--min_timestep {cfg.min_timestep} --max_timestep {cfg.max_timestep}: timesteps are drawn "
                           f"from [min_timestep, max_timestep), which must be a non-empty range within [0, "
                           f"{NUM_TIMESTEPS}), e.g. --min_timestep 200 --max_timestep 1000")
+
+
+def check_mask_settings(cfg) -> None:
+    """A mask folder needs masked_loss, exists, and lies outside the pictures (else its masks would train as
+    pictures)."""
+    if not cfg.mask_path:
+        return
+    if not cfg.masked_loss:
+        raise ConfigError(f"--mask_path {cfg.mask_path} without --masked_loss: the masks would be ignored; set "
+                          f"--masked_loss true")
+    folder, pictures = Path(cfg.mask_path).resolve(), Path(cfg.dataset_path).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"--mask_path {cfg.mask_path} is not a folder; point it at the folder of mask images")
+    if folder == pictures or pictures in folder.parents:
+        raise ConfigError(f"--mask_path {cfg.mask_path} is inside --dataset_path {cfg.dataset_path}: its masks "
+                          f"would be trained on as pictures; keep them in a folder of their own")
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (B x 1 x H x W) on the latent grid (B x 1 x h x w) by area averaging, as kohya's
+    apply_masked_loss resizes it: each latent pixel weighs the share of its pixels that are to be learned."""
+    return F.interpolate(mask, size=tuple(size), mode="area")
 
 
 def huber_threshold(spec: LossSpec, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from dataset import BucketBatchSampler, CustomDataset, WeightedItems, caption_token_counts
-from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache
+from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_mask_cache
 from sdlora.pivotal import add_train_token, spell_out
 from sdlora.run_files import LATENT_CACHE_DIR
 from sdlora.validation import ValidationSet
@@ -18,15 +18,15 @@ from sdlora.validation import ValidationSet
 
 def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None,
                  with_classes: bool = False) -> CustomDataset:
-    """The images and captions at `path` (and the class images, `with_classes`) with the run's data settings:
-    the one place config names map to CustomDataset's parameters."""
+    """The images and captions at `path` (and, `with_classes`, the class images and the pictures' loss masks: the
+    training set) with the run's data settings: the one place config names map to CustomDataset's parameters."""
     return CustomDataset(
         path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
         caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
         strict=strict, cache_path=cache_path, buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale,
         trigger_phrase=cfg.trigger_phrase, shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
         caption_dropout=cfg.caption_dropout, class_data_path=cfg.class_data_path if with_classes else None,
-        class_prompt=cfg.class_prompt)
+        class_prompt=cfg.class_prompt, masked_loss=cfg.masked_loss and with_classes, mask_path=cfg.mask_path)
 
 
 def micro_batches_per_step(cfg) -> int:
@@ -47,7 +47,7 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
         report_trigger_and_image_count(cfg, dataset, tokenizer)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    latents = embeddings = None
+    latents = embeddings = masks = None
     say = accelerator.print
     if cfg.cache_latents and not cfg.center_crop:
         say("latent cache off: random crops make every step's crop new, so images are encoded at each step")
@@ -60,6 +60,7 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
             latents = encode_latent_cache(dataset, vae, disk_dir, f"{cfg.pretrained_model_name_or_path}|{weight_dtype}",
                                           progress, shard)
         latents = gather_parts(latents, accelerator)
+        masks = latent_mask_cache(dataset, latents) if dataset.masked else None
     captions = dataset.possible_captions()
     if cfg.cache_text_embeddings and cfg.train_text_encoder:
         say("text-embedding cache off: the text encoder is training, so captions are encoded at each step")
@@ -76,7 +77,7 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
     validation = None if validation_data is None else ValidationSet(
         validation_data, vae, tokenizer, text_encoder, vae.config.scaling_factor,
         cfg.train_text_encoder or token is not None)
-    train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
+    train_data = EncodedDataset(dataset, latents, embeddings, masks) if latents or embeddings else dataset
     return (train_data, validation, None if latents is not None else vae,
             None if embeddings is not None and token is None else text_encoder)
 
@@ -125,7 +126,7 @@ def make_collate(tokenizer):
     def collate(items: list[dict]) -> dict:
         batch = {"index": torch.tensor([item["index"] for item in items]),
                  "loss_weight": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32)}
-        for key in ("pixel_values", "latent_mean", "latent_std", "text_embedding"):
+        for key in ("pixel_values", "latent_mean", "latent_std", "mask", "text_embedding"):
             if all(key in item for item in items):
                 batch[key] = torch.stack([item[key] for item in items])
         if "text_embedding" not in batch:

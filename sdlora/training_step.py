@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdlora.caching import latent_distribution
-from sdlora.losses import LossSpec, debiased_weights, per_sample_loss
+from sdlora.losses import LossSpec, debiased_weights, latent_mask, per_sample_loss
 from sdlora.stopping import updates_are_finite
 
 
@@ -119,8 +119,9 @@ def train_micro_batch(batch: dict, step: int, cfg, accelerator, models: StepMode
         randomness = SampleRandomness(cfg.seed, step, batch["index"], accelerator.device)
         latents = batch_latents(batch, models.vae, models.scaling_factor, randomness)
         states = batch_text_embeddings(batch, models.text_encoder)
+        mask = latent_mask(batch["mask"].to(latents.device), latents.shape[-2:]) if "mask" in batch else None
         loss = diffusion_loss(latents, states, models.unet, models.noise_scheduler, randomness, cfg.snr_gamma,
-                              cfg.noise_offset, batch["loss_weight"], LossSpec.of(cfg))
+                              cfg.noise_offset, batch["loss_weight"], LossSpec.of(cfg), mask)
         accelerator.backward(loss)
         finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(), accelerator)
         if finite:
