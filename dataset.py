@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -43,6 +44,21 @@ class DatasetError(ValueError):
     """The dataset cannot be used at all; the message says what was found and what to do."""
 
 
+@dataclass(frozen=True)
+class Subset:
+    """One image folder of a kohya dataset config with its own rules (sdlora/kohya_dataset.py reads them)."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    caption_extension: str = ".txt"
+    class_tokens: str = ""  # the caption of a picture without a caption file
+    is_reg: bool = False  # class images (prior preservation)
+    keep_tokens: int = 1  # tags kept in place when shuffling
+    shuffle_caption: bool = False
+    resolution: int = 512
+    enable_bucket: bool = False
+
+
 @dataclass
 class Example:
     path: Path
@@ -53,6 +69,7 @@ class Example:
     prior: bool = False  # a class (regularisation) image for prior preservation, from class_data_path
     mask: Path | None = None  # with masked_loss: the file holding its loss mask (a mask image, or itself for alpha)
     mask_sha256: str = ""  # of a mask image's bytes, for the dataset fingerprint
+    subset: Subset | None = None  # from a dataset config: its folder's resolution, buckets and caption rules
 
 
 @dataclass
@@ -223,6 +240,32 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in result.skipped[:5])
         raise DatasetError(f"none of the {len(images)} images in {root} can be used ({reasons})")
     return result
+
+
+def scan_subsets(subsets: list[Subset], cache: dict) -> ScanResult:
+    """scan_folder of every subset's folder with its caption rules and resolution; its examples take the subset's
+    repeats and class-image flag (a folder's `<N>_name` is not read then, as in kohya's config format)."""
+    result = ScanResult()
+    for number, subset in enumerate(subsets, start=1):
+        scan = scan_folder(subset.image_dir, subset.caption_extension, subset.class_tokens, subset.resolution, cache,
+                           f"dataset_config subset {number} image_dir")
+        result.examples += [replace(e, repeats=subset.num_repeats, prior=subset.is_reg, subset=subset)
+                            for e in scan.examples]
+        result.skipped += [dict(s, file=str(subset.image_dir / s["file"])) for s in scan.skipped]
+        result.notes.update(scan.notes)
+    return result
+
+
+def subset_rules(example: Example) -> tuple:
+    """What a dataset config's subset changes in how its pictures train (for the fingerprint); () without one."""
+    s = example.subset
+    return () if s is None else (s.num_repeats, s.caption_extension, s.class_tokens, s.is_reg, s.keep_tokens,
+                                 s.shuffle_caption, s.resolution, s.enable_bucket)
+
+
+def common_folder(folders: list[Path]) -> Path:
+    """The deepest folder holding every one of `folders` (their file names are written relative to it)."""
+    return Path(os.path.commonpath([str(Path(folder).resolve()) for folder in folders]))
 
 
 def folder_repeats(relative: Path) -> int:
@@ -412,8 +455,8 @@ class CustomDataset(Dataset):
                  buckets: bool = False, bucket_upscale: bool = False, trigger_phrase: str = "",
                  shuffle_tags: bool = False, keep_tags: int = 1, caption_dropout: float = 0.0,
                  class_data_path: str | Path | None = None, class_prompt: str = "", masked_loss: bool = False,
-                 mask_path: str = ""):
-        self.root = Path(dataset_path)
+                 mask_path: str = "", subsets: list[Subset] | None = None):
+        self.root = Path(dataset_path) if not subsets else common_folder([s.image_dir for s in subsets])
         self.class_root = Path(class_data_path) if class_data_path else None
         self.resolution = resolution
         self.center_crop = center_crop
@@ -424,11 +467,14 @@ class CustomDataset(Dataset):
         self.shuffle_tags, self.keep_tags, self.caption_dropout = shuffle_tags, keep_tags, caption_dropout
         cache = read_check_cache(cache_path)
         cached = dict(cache)
-        scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
+        scan = scan_subsets(subsets, cache) if subsets else scan_folder(self.root, caption_extension, fallback_caption,
+                                                                        resolution, cache)
+        if subsets and any(s.is_reg for s in subsets):  # class images' names are relative to the common folder
+            self.class_root = self.root
         self.masked, self.mask_from_alpha = masked_loss, not mask_path
         if masked_loss:
             scan.examples = self.with_masks(scan, mask_path)
-        if self.class_root:  # class images without a caption train with the class prompt
+        if class_data_path:  # class images without a caption train with the class prompt
             classes = scan_folder(self.class_root, caption_extension, class_prompt, resolution, cache, "class_data_path")
             scan.examples += [replace(e, prior=True) for e in classes.examples]
             scan.skipped += [dict(s, file=f"class: {s['file']}") for s in classes.skipped]
@@ -466,8 +512,16 @@ class CustomDataset(Dataset):
         """Train on `examples`: index their repeats (`order`) and training sizes (`sizes`)."""
         self.examples = examples
         self.order = [index for index, example in enumerate(examples) for _ in range(example.repeats)]
-        self.sizes = [bucket_size(*e.size, self.resolution, self.bucket_upscale) if self.buckets
-                      else (self.resolution, self.resolution) for e in examples]
+        self.sizes = [self.training_size(e) for e in examples]
+
+    def training_size(self, example: Example) -> tuple[int, int]:
+        """(width, height) an example trains at: its bucket, or the square crop; a dataset config's subset has its
+        own resolution and bucket setting."""
+        resolution = example.subset.resolution if example.subset else self.resolution
+        buckets = example.subset.enable_bucket if example.subset else self.buckets
+        if buckets:
+            return bucket_size(*example.size, resolution, self.bucket_upscale)
+        return resolution, resolution
 
     def split_off(self, fraction: float) -> "CustomDataset":
         """Hold out `fraction` of the images (at least one, never all; chosen by the seed) for validation:
@@ -529,9 +583,11 @@ class CustomDataset(Dataset):
         text = example.caption
         if example.prior:  # the class prompt keeps its plain meaning: no trigger, shuffling or dropout
             return text
-        if self.shuffle_tags:
+        shuffle, keep = ((example.subset.shuffle_caption, example.subset.keep_tokens) if example.subset
+                         else (self.shuffle_tags, self.keep_tags))
+        if shuffle:
             tags = [tag.strip() for tag in text.split(",") if tag.strip()]
-            kept, rest = tags[:self.keep_tags], tags[self.keep_tags:]
+            kept, rest = tags[:keep], tags[keep:]
             rng.shuffle(rest)
             text = ", ".join(kept + rest)
         if self.trigger_phrase and not text.startswith(self.trigger_phrase):
@@ -542,7 +598,7 @@ class CustomDataset(Dataset):
 
     def possible_captions(self) -> set[str] | None:
         """Every caption an item can train with, or None when tag shuffling makes them too many to list."""
-        if self.shuffle_tags:
+        if self.shuffle_tags or any(e.subset and e.subset.shuffle_caption for e in self.examples):
             return None
         saved, self.caption_dropout = self.caption_dropout, 0.0
         captions = {self.caption(item) for item in range(len(self))}
@@ -560,7 +616,8 @@ class CustomDataset(Dataset):
     def fingerprint(self) -> str:
         """sha256 over every used file's path, content and caption: changes when the training data changes."""
         rows = [(f"class: {e.path.relative_to(self.class_root)}" if e.prior else str(e.path.relative_to(self.root)),
-                 e.sha256, e.caption) + ((e.mask_sha256,) if e.mask_sha256 else ()) for e in self.examples]
+                 e.sha256, e.caption) + ((e.mask_sha256,) if e.mask_sha256 else ()) + subset_rules(e)
+                for e in self.examples]
         return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
     def class_images(self) -> int:

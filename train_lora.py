@@ -1,7 +1,7 @@
 """Train a LoRA for Stable Diffusion 1.x.
 
 Edit the constants below and run `python train_lora.py`; any constant can be overridden by a flag of the
-same name (`--learning_rate 5e-5`). The result is `<output_dir>/pytorch_lora_weights.safetensors`, which
+same name (`--learning_rate 5e-5`), or by a TOML file of them (`--config run.toml`; flags still win). The result is `<output_dir>/pytorch_lora_weights.safetensors`, which
 generate.py, diffusers (`load_lora_weights`), AUTOMATIC1111 and ComfyUI load.
 """
 
@@ -9,6 +9,7 @@ generate.py, diffusers (`load_lora_weights`), AUTOMATIC1111 and ComfyUI load.
 pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
 # --- data ---
 dataset_path = "examples/dataset"  # folder of images with same-stem .txt captions or a metadata.jsonl
+dataset_config = ""  # or kohya's dataset TOML: several folders, each with its repeats and caption rules; "": off
 caption_extension = ".txt"  # extension of the caption files beside the images
 fallback_caption = ""  # caption for images without one, e.g. "a photo of sks dog"
 resolution = 512  # px, square training crops; a multiple of 8
@@ -101,9 +102,10 @@ DEFAULTS = {name: value for name, value in list(globals().items())
 CONFIG_NAMES = list(DEFAULTS)
 # Every setting above defines the run (a resume must share it to continue exactly) except these, which only say
 # where files go, when to save, sample and validate, how fast, and how careful. The data is compared by fingerprint.
-NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "output_dir", "checkpointing_steps",
-                    "checkpoints_total_limit", "resume_from_checkpoint", "sample_prompts", "sample_prompts_file",
-                    "sample_steps", "sample_inference_steps", "sample_guidance_scale", "validation_split",
+NOT_RUN_DEFINING = ("dataset_path", "dataset_config", "mask_path", "class_data_path", "num_class_images",
+                    "output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                    "sample_prompts", "sample_prompts_file", "sample_steps", "sample_inference_steps",
+                    "sample_guidance_scale", "validation_split",
                     "validation_dataset_path", "validation_loss_steps", "dataloader_num_workers", "cache_latents",
                     "cache_text_embeddings", "cache_latents_to_disk", "gradient_checkpointing", "strict_data",
                     "resume_despite_changes", "max_nonfinite_steps", "interop_check")
@@ -128,6 +130,7 @@ from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
 from lora_diffusion import NETWORK_TYPES
+from sdlora.kohya_dataset import check_dataset_config, has_class_subsets
 from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
@@ -135,6 +138,7 @@ from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.optimizers import build_optimizer, optimizer_problem
 from sdlora.preflight import check_data, check_free_disk
 from sdlora.resuming import checkpoint_run, resume_command, resume_training
+from sdlora.run_config import read_run_config
 from sdlora.run_files import LOGS_DIR, VAL_LOSS_LOG_NAME, lora_metadata, save_lora_files
 from sdlora.settings import (MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, build_parser, check_model_source,
                              resolve_machine_settings)
@@ -153,7 +157,14 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Configuration: the constants above, overridden by same-named flags
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    cfg = build_parser(dict(DEFAULTS), __doc__.splitlines()[0]).parse_args(argv)
+    """The constants, then a `--config` TOML's settings over them, then the flags over both."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default="")
+    config_file = first.parse_known_args(argv)[0].config
+    defaults = dict(DEFAULTS) | (read_run_config(config_file, DEFAULTS) if config_file else {})
+    parser = build_parser(defaults, __doc__.splitlines()[0])
+    parser.add_argument("--config", default="", metavar="RUN.TOML", help="settings from a TOML file; flags win")
+    cfg = parser.parse_args(argv)
     cfg.sample_prompts = tuple(cfg.sample_prompts)
     return cfg
 
@@ -206,15 +217,16 @@ def check_config(cfg: argparse.Namespace) -> None:
     check_prior_preservation(cfg)
     check_loss_settings(cfg)
     check_mask_settings(cfg)
+    check_dataset_config(cfg, DEFAULTS)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
 
 def check_prior_preservation(cfg: argparse.Namespace) -> None:
     """Class images: a prompt for them, a folder apart from the instance images, or no class settings at all."""
-    class_settings = [f"--{name} {getattr(cfg, name)}" for name in ("class_prompt", "num_class_images",
-                                                                    "prior_loss_weight")
-                      if getattr(cfg, name) != DEFAULTS[name]]
+    class_names = ("class_prompt", "num_class_images") + (() if has_class_subsets(cfg.dataset_config)
+                                                           else ("prior_loss_weight",))  # is_reg subsets use it
+    class_settings = [f"--{name} {getattr(cfg, name)}" for name in class_names if getattr(cfg, name) != DEFAULTS[name]]
     if not cfg.class_data_path:
         if class_settings:
             raise ConfigError(f"{', '.join(class_settings)} set but class_data_path is empty: point "

@@ -201,7 +201,7 @@ SETTINGS_ADDED_LATER = {"network_type": "lora", "lokr_factor": -1, "network_drop
                         "module_dropout": 0.0, "network_weights": "", "train_token": "", "train_token_new": False,
                         "train_token_init": "", "train_token_vectors": 1, "train_token_lr": 5e-4, "loss_type": "l2",
                         "huber_c": 0.1, "huber_schedule": "snr", "debiased_estimation": False, "min_timestep": 0,
-                        "max_timestep": 1000, "masked_loss": False, "mask_path": ""}
+                        "max_timestep": 1000, "masked_loss": False}
 
 
 def run_identity(cfg, names: tuple[str, ...], num_processes: int) -> dict:

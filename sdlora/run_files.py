@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from sdlora.ema import Ema
 
 CONFIG_NAME = "config.json"  # the resolved settings
+RUN_CONFIG_NAME = "config.toml"  # the same settings as a file `train_lora.py --config` reads
 DATA_REPORT_NAME = "data_report.json"  # the images used and skipped, and why
 LOSS_LOG_NAME = "loss_log.jsonl"  # one row per optimizer step
 VAL_LOSS_LOG_NAME = "val_loss_log.jsonl"  # one {"step", "val_loss"} row per held-out loss
@@ -23,10 +24,16 @@ LOGS_DIR = "logs"  # TensorBoard
 
 
 def write_run_start(cfg, output_dir: Path, dataset: "CustomDataset", validation_data: "CustomDataset | None") -> None:
-    """data_report.json, the resolved config.json, and the dataset summary on screen."""
+    """data_report.json, the resolved config.json and config.toml (every constant; `--config` reads it back), and
+    the dataset summary on screen."""
+    from sdlora.run_config import toml_text  # torch-free module otherwise
+
     held_out = len(validation_data.examples) if validation_data and not cfg.validation_dataset_path else 0
     dataset.write_report(output_dir / DATA_REPORT_NAME, held_out)
     (output_dir / CONFIG_NAME).write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
+    settings = {name: value for name, value in vars(cfg).items() if name != "config"}
+    (output_dir / RUN_CONFIG_NAME).write_text(toml_text(settings, "the resolved settings of this run: python "
+                                                        "train_lora.py --config config.toml"), encoding="utf-8")
     print(dataset.summary())
 
 

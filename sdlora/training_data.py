@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 
 from dataset import BucketBatchSampler, CustomDataset, WeightedItems, caption_token_counts
 from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_mask_cache
+from sdlora.kohya_dataset import has_class_subsets, read_dataset_config
 from sdlora.pivotal import add_train_token, spell_out
 from sdlora.run_files import LATENT_CACHE_DIR
 from sdlora.validation import ValidationSet
@@ -19,19 +20,24 @@ from sdlora.validation import ValidationSet
 def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None,
                  with_classes: bool = False) -> CustomDataset:
     """The images and captions at `path` (and, `with_classes`, the class images and the pictures' loss masks: the
-    training set) with the run's data settings: the one place config names map to CustomDataset's parameters."""
+    training set; its folders from dataset_config when set) with the run's data settings: the one place config
+    names map to CustomDataset's parameters."""
+    subsets = read_dataset_config(cfg.dataset_config, cfg) if cfg.dataset_config and with_classes else None
     return CustomDataset(
         path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
         caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
         strict=strict, cache_path=cache_path, buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale,
         trigger_phrase=cfg.trigger_phrase, shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
         caption_dropout=cfg.caption_dropout, class_data_path=cfg.class_data_path if with_classes else None,
-        class_prompt=cfg.class_prompt, masked_loss=cfg.masked_loss and with_classes, mask_path=cfg.mask_path)
+        class_prompt=cfg.class_prompt, masked_loss=cfg.masked_loss and with_classes, mask_path=cfg.mask_path,
+        subsets=subsets)
 
 
 def micro_batches_per_step(cfg) -> int:
-    """Micro-batches in one optimizer step: with class images each instance batch comes with a class batch."""
-    return cfg.gradient_accumulation_steps * (2 if cfg.class_data_path else 1)
+    """Micro-batches in one optimizer step: with class images (class_data_path, or a dataset config's is_reg
+    subsets) each instance batch comes with a class batch."""
+    classes = cfg.class_data_path or has_class_subsets(cfg.dataset_config)
+    return cfg.gradient_accumulation_steps * (2 if classes else 1)
 
 
 def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDataset | None, tokenizer, text_encoder,
