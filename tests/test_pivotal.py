@@ -2,6 +2,7 @@
 textual-inversion file, loaded back by generate.py and diffusers, resumed exactly."""
 
 import argparse
+import json
 import shutil
 
 import diffusers
@@ -119,6 +120,13 @@ def test_the_lora_file_bundles_the_trained_vectors_and_the_textual_inversion_fil
     assert vectors.shape == (2, text_encoder.config.hidden_size)
     assert not torch.equal(vectors[0], star) and not torch.equal(vectors[1], star)
     assert torch.equal(load_file(str(reference.parent / TEXTUAL_INVERSION_FILE_NAME))[TOKEN], vectors)
+
+
+def test_the_interop_self_test_passes_with_a_bundled_embedding(reference):
+    """The run's interop self-test reads the file with its bundle: diffusers (given the LoRA tensors alone), the
+    A1111 and ComfyUI key rules and the merged outputs all agree with the network."""
+    report = json.loads(reference.with_suffix(".interop.json").read_text())
+    assert report["ok"] and report["diffusers"] == "ok" and not report["file_problems"]
 
 
 def test_a1111_key_split_gives_the_token_and_string_to_param(reference):
