@@ -123,7 +123,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 
 from dataset import DatasetError
@@ -365,6 +365,9 @@ def make_accelerator(cfg, output_dir: Path) -> Accelerator:
         gradient_accumulation_steps=micro_batches_per_step(cfg), mixed_precision=cfg.mixed_precision,
         # The sampler yields global batches, each split into one slice per process (see BucketBatchSampler).
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # A trained token is in some captions only: on several processes its vectors get no gradient in a batch
+        # without it (a class batch, a dropped caption), which DDP must be told to expect.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train_token else None,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output_dir / LOGS_DIR),
     )

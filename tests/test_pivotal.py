@@ -197,3 +197,18 @@ def test_without_a_token_the_files_are_as_before(star_data, tmp_path):
     final = train_lora.main(cfg)
     assert not [key for key in load_file(str(final)) if key.startswith("bundle_emb")]
     assert not (tmp_path / TEXTUAL_INVERSION_FILE_NAME).exists()
+
+
+def test_lora_tools_carry_the_bundled_embedding(reference, tmp_path):
+    """convert (kohya layout), resize and merge keep the token's vectors bit for bit; the diffusers/PEFT layout,
+    which has no place for them, refuses with the way out."""
+    import lora_tools
+    from sdlora.lora_file import LoRAError
+    vectors = load_file(str(reference))[BUNDLE_KEY]
+    lora_tools.convert_lora_file(reference, tmp_path / "kohya.safetensors", "kohya")
+    lora_tools.resize_lora_file(reference, tmp_path / "resized.safetensors", 2)
+    lora_tools.merge_lora_files(tmp_path / "merged.safetensors", [(reference, 0.5), (reference, 0.5)])
+    for name in ("kohya", "resized", "merged"):
+        assert torch.equal(load_file(str(tmp_path / f"{name}.safetensors"))[BUNDLE_KEY], vectors)
+    with pytest.raises(LoRAError, match="textual-inversion file"):
+        lora_tools.convert_lora_file(reference, tmp_path / "peft.safetensors", "peft")
