@@ -21,7 +21,8 @@ import torch
 
 from sdlora.lora_file import (
     LAYOUTS, LORA_FORMAT_VERSION, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, bundled_embeddings,
-    checked_modules, kohya_name, module_order, parse_path_number, rank_alpha_metadata, read_lora_file, read_lora_modules, write_lora_file,
+    checked_modules, kohya_name, module_order, parse_path_number, rank_alpha_metadata, read_lora_file,
+    read_lora_modules, write_lora_file,
 )
 
 # SD 1.x modules whose weight is a convolution (our adapters' targets): a LoHa/LoKr file stores their "in" side

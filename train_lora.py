@@ -1,8 +1,9 @@
 """Train a LoRA for Stable Diffusion 1.x.
 
 Edit the constants below and run `python train_lora.py`; any constant can be overridden by a flag of the
-same name (`--learning_rate 5e-5`), or by a TOML file of them (`--config run.toml`; flags still win). The result is `<output_dir>/pytorch_lora_weights.safetensors`, which
-generate.py, diffusers (`load_lora_weights`), AUTOMATIC1111 and ComfyUI load.
+same name (`--learning_rate 5e-5`), or by a TOML file of them (`--config run.toml`; flags still win). The
+result is `<output_dir>/pytorch_lora_weights.safetensors`, which generate.py, diffusers (`load_lora_weights`),
+AUTOMATIC1111 and ComfyUI load.
 """
 
 # --- base model ---

@@ -56,7 +56,7 @@ def check_train_token(cfg, tokenizer, captions: list[str]) -> None:
                           f"--train_token_init), or choose a word that is one token, e.g. sks")
     if cfg.train_token_new and not cfg.train_token_init:
         raise ConfigError(f"--train_token_new: a new token has no embedding of its own to start from; name a word "
-                          f"close to the subject with --train_token_init, e.g. dog")
+                          "close to the subject with --train_token_init, e.g. dog")
     if cfg.train_token_init and len(tokenizer.tokenize(cfg.train_token_init)) != 1:
         raise ConfigError(f"--train_token_init {cfg.train_token_init!r} is "
                           f"{len(tokenizer.tokenize(cfg.train_token_init))} tokens to this model's tokenizer "
