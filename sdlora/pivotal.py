@@ -53,9 +53,9 @@ def check_train_token(cfg, tokenizer, captions: list[str]) -> None:
     if len(pieces) > 1 and not cfg.train_token_new:
         raise ConfigError(f"--train_token {token!r} is {len(pieces)} tokens to this model's tokenizer "
                           f"({' '.join(pieces)}): set --train_token_new true to add it as a new token (then give "
-                          f"--train_token_init), or choose a word that is one token, e.g. sks")
+                          "--train_token_init), or choose a word that is one token, e.g. sks")
     if cfg.train_token_new and not cfg.train_token_init:
-        raise ConfigError(f"--train_token_new: a new token has no embedding of its own to start from; name a word "
+        raise ConfigError("--train_token_new: a new token has no embedding of its own to start from; name a word "
                           "close to the subject with --train_token_init, e.g. dog")
     if cfg.train_token_init and len(tokenizer.tokenize(cfg.train_token_init)) != 1:
         raise ConfigError(f"--train_token_init {cfg.train_token_init!r} is "
