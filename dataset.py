@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from sdlora.files import IMAGE_EXTENSIONS, atomic_write, data_files, image_files, is_ignored, sha256_file
+from sdlora.masks import read_mask, scan_masks
 
 CAPTION_EXTENSIONS = {".txt", ".caption", ".tags"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -42,6 +44,21 @@ class DatasetError(ValueError):
     """The dataset cannot be used at all; the message says what was found and what to do."""
 
 
+@dataclass(frozen=True)
+class Subset:
+    """One image folder of a kohya dataset config with its own rules (sdlora/kohya_dataset.py reads them)."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    caption_extension: str = ".txt"
+    class_tokens: str = ""  # the caption of a picture without a caption file
+    is_reg: bool = False  # class images (prior preservation)
+    keep_tokens: int = 1  # tags kept in place when shuffling
+    shuffle_caption: bool = False
+    resolution: int = 512
+    enable_bucket: bool = False
+
+
 @dataclass
 class Example:
     path: Path
@@ -50,6 +67,9 @@ class Example:
     size: tuple[int, int] = (0, 0)  # (width, height) as displayed, after EXIF rotation
     repeats: int = 1  # times per epoch, from a kohya-style `<N>_<name>` folder
     prior: bool = False  # a class (regularisation) image for prior preservation, from class_data_path
+    mask: Path | None = None  # with masked_loss: the file holding its loss mask (a mask image, or itself for alpha)
+    mask_sha256: str = ""  # of a mask image's bytes, for the dataset fingerprint
+    subset: Subset | None = None  # from a dataset config: its folder's resolution, buckets and caption rules
 
 
 @dataclass
@@ -220,6 +240,32 @@ def scan_folder(root: Path, caption_extension: str, fallback_caption: str, resol
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in result.skipped[:5])
         raise DatasetError(f"none of the {len(images)} images in {root} can be used ({reasons})")
     return result
+
+
+def scan_subsets(subsets: list[Subset], cache: dict) -> ScanResult:
+    """scan_folder of every subset's folder with its caption rules and resolution; its examples take the subset's
+    repeats and class-image flag (a folder's `<N>_name` is not read then, as in kohya's config format)."""
+    result = ScanResult()
+    for number, subset in enumerate(subsets, start=1):
+        scan = scan_folder(subset.image_dir, subset.caption_extension, subset.class_tokens, subset.resolution, cache,
+                           f"dataset_config subset {number} image_dir")
+        result.examples += [replace(e, repeats=subset.num_repeats, prior=subset.is_reg, subset=subset)
+                            for e in scan.examples]
+        result.skipped += [dict(s, file=str(subset.image_dir / s["file"])) for s in scan.skipped]
+        result.notes.update(scan.notes)
+    return result
+
+
+def subset_rules(example: Example) -> tuple:
+    """What a dataset config's subset changes in how its pictures train (for the fingerprint); () without one."""
+    s = example.subset
+    return () if s is None else (s.num_repeats, s.caption_extension, s.class_tokens, s.is_reg, s.keep_tokens,
+                                 s.shuffle_caption, s.resolution, s.enable_bucket)
+
+
+def common_folder(folders: list[Path]) -> Path:
+    """The deepest folder holding every one of `folders` (their file names are written relative to it)."""
+    return Path(os.path.commonpath([str(Path(folder).resolve()) for folder in folders]))
 
 
 def folder_repeats(relative: Path) -> int:
@@ -408,8 +454,9 @@ class CustomDataset(Dataset):
                  seed: int = 0, strict: bool = False, cache_path: str | Path | None = None,
                  buckets: bool = False, bucket_upscale: bool = False, trigger_phrase: str = "",
                  shuffle_tags: bool = False, keep_tags: int = 1, caption_dropout: float = 0.0,
-                 class_data_path: str | Path | None = None, class_prompt: str = ""):
-        self.root = Path(dataset_path)
+                 class_data_path: str | Path | None = None, class_prompt: str = "", masked_loss: bool = False,
+                 mask_path: str = "", subsets: list[Subset] | None = None):
+        self.root = Path(dataset_path) if not subsets else common_folder([s.image_dir for s in subsets])
         self.class_root = Path(class_data_path) if class_data_path else None
         self.resolution = resolution
         self.center_crop = center_crop
@@ -420,8 +467,14 @@ class CustomDataset(Dataset):
         self.shuffle_tags, self.keep_tags, self.caption_dropout = shuffle_tags, keep_tags, caption_dropout
         cache = read_check_cache(cache_path)
         cached = dict(cache)
-        scan = scan_folder(self.root, caption_extension, fallback_caption, resolution, cache)
-        if self.class_root:  # class images without a caption train with the class prompt
+        scan = scan_subsets(subsets, cache) if subsets else scan_folder(self.root, caption_extension, fallback_caption,
+                                                                        resolution, cache)
+        if subsets and any(s.is_reg for s in subsets):  # class images' names are relative to the common folder
+            self.class_root = self.root
+        self.masked, self.mask_from_alpha = masked_loss, not mask_path
+        if masked_loss:
+            scan.examples = self.with_masks(scan, mask_path)
+        if class_data_path:  # class images without a caption train with the class prompt
             classes = scan_folder(self.class_root, caption_extension, class_prompt, resolution, cache, "class_data_path")
             scan.examples += [replace(e, prior=True) for e in classes.examples]
             scan.skipped += [dict(s, file=f"class: {s['file']}") for s in classes.skipped]
@@ -437,12 +490,38 @@ class CustomDataset(Dataset):
         self.buckets, self.bucket_upscale = buckets, bucket_upscale
         self.use_examples(scan.examples)
 
+    def with_masks(self, scan: ScanResult, mask_path: str) -> list[Example]:
+        """The scanned examples with their loss masks; a mask that cannot be used, or no mask at all, is an error.
+        Pictures without one train on every pixel (a note in the summary)."""
+        masks = scan_masks([(e.path, e.size) for e in scan.examples], self.root, mask_path)
+        where = f"mask_path {mask_path}" if mask_path else "the pictures' alpha channels"
+        if masks.problems:
+            raise DatasetError(f"{len(masks.problems)} mask(s) in {where} cannot be used; fix or remove them "
+                               f"(a mask is a greyscale image of its picture's size, white = learn):\n  "
+                               + "\n  ".join(masks.problems))
+        if not masks.found:
+            raise DatasetError(f"masked_loss is on but none of the {len(scan.examples)} pictures in {self.root} has "
+                               f"a mask in {where}; put same-stem mask images in a folder and set mask_path to it, "
+                               f"or turn masked_loss off")
+        if masks.missing:
+            scan.notes["no mask: trained on every pixel"] += len(masks.missing)
+        return [replace(e, mask=masks.found[i][0], mask_sha256=masks.found[i][1]) if i in masks.found else e
+                for i, e in enumerate(scan.examples)]
+
     def use_examples(self, examples: list[Example]) -> None:
         """Train on `examples`: index their repeats (`order`) and training sizes (`sizes`)."""
         self.examples = examples
         self.order = [index for index, example in enumerate(examples) for _ in range(example.repeats)]
-        self.sizes = [bucket_size(*e.size, self.resolution, self.bucket_upscale) if self.buckets
-                      else (self.resolution, self.resolution) for e in examples]
+        self.sizes = [self.training_size(e) for e in examples]
+
+    def training_size(self, example: Example) -> tuple[int, int]:
+        """(width, height) an example trains at: its bucket, or the square crop; a dataset config's subset has its
+        own resolution and bucket setting."""
+        resolution = example.subset.resolution if example.subset else self.resolution
+        buckets = example.subset.enable_bucket if example.subset else self.buckets
+        if buckets:
+            return bucket_size(*example.size, resolution, self.bucket_upscale)
+        return resolution, resolution
 
     def split_off(self, fraction: float) -> "CustomDataset":
         """Hold out `fraction` of the images (at least one, never all; chosen by the seed) for validation:
@@ -484,6 +563,18 @@ class CustomDataset(Dataset):
         center = self.center_crop or rng is None
         return to_tensor(resize_and_crop(image, self.sizes[example], center, flip, rng or random.Random(0)))
 
+    def mask(self, example: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """Example `example`'s loss mask cropped and mirrored as pixels() crops and mirrors the picture (give it a
+        generator in the same state): 1 x H x W in [0, 1]; all ones for a picture without a mask."""
+        width, height = self.sizes[example]
+        path = self.examples[example].mask
+        if path is None:
+            return torch.ones(1, height, width)
+        mask = read_mask(path, from_alpha=self.mask_from_alpha)
+        center = self.center_crop or rng is None
+        cropped = resize_and_crop(mask, self.sizes[example], center, flip, rng or random.Random(0))
+        return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None]
+
     def caption(self, item: int) -> str:
         """The caption `item` trains with this epoch: trigger phrase first, tags shuffled (the first `keep_tags`
         stay put), or the empty caption with probability `caption_dropout`."""
@@ -492,9 +583,11 @@ class CustomDataset(Dataset):
         text = example.caption
         if example.prior:  # the class prompt keeps its plain meaning: no trigger, shuffling or dropout
             return text
-        if self.shuffle_tags:
+        shuffle, keep = ((example.subset.shuffle_caption, example.subset.keep_tokens) if example.subset
+                         else (self.shuffle_tags, self.keep_tags))
+        if shuffle:
             tags = [tag.strip() for tag in text.split(",") if tag.strip()]
-            kept, rest = tags[:self.keep_tags], tags[self.keep_tags:]
+            kept, rest = tags[:keep], tags[keep:]
             rng.shuffle(rest)
             text = ", ".join(kept + rest)
         if self.trigger_phrase and not text.startswith(self.trigger_phrase):
@@ -505,7 +598,7 @@ class CustomDataset(Dataset):
 
     def possible_captions(self) -> set[str] | None:
         """Every caption an item can train with, or None when tag shuffling makes them too many to list."""
-        if self.shuffle_tags:
+        if self.shuffle_tags or any(e.subset and e.subset.shuffle_caption for e in self.examples):
             return None
         saved, self.caption_dropout = self.caption_dropout, 0.0
         captions = {self.caption(item) for item in range(len(self))}
@@ -514,13 +607,17 @@ class CustomDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         rng, flip = self.augmentation(item)
-        return {"pixel_values": self.pixels(self.order[item], flip, rng), "caption": self.caption(item),
-                "index": item}
+        entry = {"pixel_values": self.pixels(self.order[item], flip, rng), "caption": self.caption(item),
+                 "index": item}
+        if self.masked:  # the augmentation's generator afresh: the mask gets the picture's crop
+            entry["mask"] = self.mask(self.order[item], flip, self.augmentation(item)[0])
+        return entry
 
     def fingerprint(self) -> str:
         """sha256 over every used file's path, content and caption: changes when the training data changes."""
         rows = [(f"class: {e.path.relative_to(self.class_root)}" if e.prior else str(e.path.relative_to(self.root)),
-                 e.sha256, e.caption) for e in self.examples]
+                 e.sha256, e.caption) + ((e.mask_sha256,) if e.mask_sha256 else ()) + subset_rules(e)
+                for e in self.examples]
         return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
     def class_images(self) -> int:
@@ -561,8 +658,9 @@ def caption_token_counts(captions: list[str], tokenizer) -> tuple[list[int], int
 
 
 def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".txt",
-                  tokenizer=None) -> str:
-    """What a user should know about a dataset folder before spending GPU hours on it, as readable text."""
+                  tokenizer=None, masks: str | None = None) -> str:
+    """What a user should know about a dataset folder before spending GPU hours on it, as readable text. `masks`:
+    also report the loss masks, from that folder ("": the pictures' alpha channels)."""
     previous_level = log.level
     log.setLevel(logging.ERROR)  # the skips are listed below, once
     try:
@@ -573,6 +671,8 @@ def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".
     lines = [f"dataset {root}", f"  images: {len(data.examples)} usable, {len(data.skipped)} skipped, "
              f"{sum(1 for p in files if is_ignored(p.relative_to(root)))} hidden/system files ignored"]
     lines += [f"    skipped {s['file']}: {s['reason']}" for s in data.skipped]
+    if masks is not None:
+        lines += mask_report(data, masks)
 
     metadata = read_metadata(root)
     caption_files = Counter(p.suffix for p in files if p.suffix.lower() in CAPTION_EXTENSIONS)
@@ -612,6 +712,17 @@ def doctor_report(root: Path, resolution: int = 512, caption_extension: str = ".
     return "\n".join(lines)
 
 
+def mask_report(data: CustomDataset, mask_path: str) -> list[str]:
+    """Lines on the pictures' loss masks: how many found, the pictures without one, the masks that cannot be used."""
+    scan = scan_masks([(e.path, e.size) for e in data.examples], data.root, mask_path)
+    where = f"from {mask_path}" if mask_path else "from the alpha channels"
+    lines = [f"  masks ({where}): {len(scan.found)} found, {len(scan.missing)} picture(s) without one (trained on "
+             f"every pixel), {len(scan.problems)} unusable"]
+    lines += [f"    no mask: {name}" for name in scan.missing[:10]]
+    lines += [f"    unusable: {problem}" for problem in scan.problems]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
@@ -623,6 +734,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption_extension", default=".txt")
     parser.add_argument("--tokenizer", default="", metavar="MODEL",
                         help="a diffusers model folder or hub id whose tokenizer counts caption tokens")
+    parser.add_argument("--masked_loss", action="store_true",
+                        help="also check the loss masks: the pictures' alpha channels, or --mask_path's images")
+    parser.add_argument("--mask_path", default="", metavar="PATH", help="a folder of same-stem mask images")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")
     tokenizer = None
@@ -634,7 +748,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --tokenizer {args.tokenizer}: cannot load its tokenizer/ ({str(error)[:150]}); "
                      f"pass a diffusers model folder")
     try:
-        print(doctor_report(Path(args.check), args.resolution, args.caption_extension, tokenizer))
+        masks = args.mask_path if args.masked_loss or args.mask_path else None
+        print(doctor_report(Path(args.check), args.resolution, args.caption_extension, tokenizer, masks))
     except DatasetError as error:
         sys.exit(f"error: {error}")
 

@@ -38,7 +38,9 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from sdlora.lora_file import LoRAError, fuse_lora_file, parse_path_number, read_lora_file  # noqa: E402
+from sdlora.lora_file import (  # noqa: E402
+    LoRAError, bundled_embeddings, fuse_lora_file, parse_path_number, read_lora_file,
+)
 from sdlora.sampling import make_grid, prompt_texts  # noqa: E402
 from sdlora.settings import (  # noqa: E402
     MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, allow_tf32, build_parser, check_model_source, resolve_precision,
@@ -115,8 +117,22 @@ def load_pipeline(cfg, loras: list[tuple[Path, float]]):
     for path, multiplier in loras:
         changed = fuse_lora_file(path, pipeline.unet, pipeline.text_encoder, multiplier)
         print(f"LoRA {path} fused at multiplier {multiplier} into {changed} modules")
+        load_bundled_embeddings(pipeline, path)
     pipeline.set_progress_bar_config(leave=False)
     return pipeline.to(device)
+
+
+def load_bundled_embeddings(pipeline, path: Path) -> None:
+    """A token trained beside the LoRA (pivotal tuning; `bundle_emb.<token>.string_to_param.*` in the file) is
+    given to the pipeline as a textual-inversion embedding, at full strength whatever the LoRA's multiplier (as
+    AUTOMATIC1111 does): prompts then name the token."""
+    for token, vectors in bundled_embeddings(read_lora_file(path)[0]).items():
+        try:
+            pipeline.load_textual_inversion({token: vectors}, token=token)
+        except ValueError as error:  # diffusers refuses a token its tokenizer already has
+            raise LoRAError(f"{path}: its embedding for {token!r} cannot be added ({error}); load one LoRA with "
+                            f"that token at a time") from None
+        print(f"embedding {token!r} ({vectors.shape[0]} vector(s)) from {path}")
 
 
 def main(cfg: argparse.Namespace) -> list[Path]:

@@ -25,8 +25,9 @@ from torch import nn
 from sdlora.adapter_weights import LoHaModule, LoKrModule, column_norm
 from sdlora.adapters import AdapterLayer, LoHaLayer, LoKrLayer
 from sdlora.lora_file import (
-    LORA_FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, first_few, is_lora_target, kohya_name, kohya_tensors,
-    our_path, parse_lora_tensors, rank_alpha_header, read_lora_file, write_lora_file,
+    LORA_FORMAT_VERSION, LoRAError, LoRAModule, LoRAModules, bundle_tensors, bundled_embeddings, first_few,
+    is_lora_target, kohya_name, kohya_tensors, our_path, parse_lora_tensors, rank_alpha_header, read_lora_file,
+    without_bundle, write_lora_file,
 )
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -196,6 +197,7 @@ class LoRANetwork:
     (text-encoder paths without transformers 4.x's `text_model.`, as in the file reader). `conv_rank` and
     `conv_alpha` are the 3x3 convolutions' (0 and None without LoCon). `spec` is the adapter type and options
     every layer was made with; `parent` the (name, sha256) of the file training started from (network_weights).
+    A token embedding trained beside the layers (pivotal tuning, add_token) is part of the state and the file too.
     """
 
     def __init__(self, layers: dict[tuple[str, str], AdapterLayer], rank: int, alpha: float,
@@ -210,6 +212,16 @@ class LoRANetwork:
         self.spec = spec
         self.parent = parent
         self._parameters = [p for layer in layers.values() for p in layer.trainable_parameters()]
+        self.token = None  # the TokenEmbedding (sdlora/pivotal.py) trained beside the layers, if any
+
+    def add_token(self, token) -> None:
+        """Train a TokenEmbedding's vectors with the layers: in parameters() (last) and in the file's bundle."""
+        self.token = token
+        self._parameters.append(token.vectors)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """{token: its vectors n x D} for the file's bundle: empty without pivotal tuning."""
+        return {self.token.token: self.token.vectors} if self.token is not None else {}
 
     @property
     def network_type(self) -> str:
@@ -229,8 +241,8 @@ class LoRANetwork:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The file's tensors (kohya layout): `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`
-        for LoRA; LoHa, LoKr and DoRA with their own keys (see adapter_weights.py)."""
-        return kohya_tensors(self.lora_modules())
+        for LoRA; LoHa, LoKr and DoRA with their own keys (see adapter_weights.py); a trained token's bundle."""
+        return kohya_tensors(self.lora_modules()) | bundle_tensors(self.embeddings())
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the LoRA file") -> None:
@@ -251,13 +263,15 @@ class LoRANetwork:
         if problems:
             raise LoRAError(f"{source} does not match this network ({self.network_type}, rank {self.rank}, conv "
                             f"rank {self.conv_rank}, targets {list(self.targets)}):\n  " + "\n  ".join(problems))
-        modules, unparsed = parse_lora_tensors(tensors, {})
+        modules, unparsed = parse_lora_tensors(without_bundle(tensors), {})
         assert not unparsed and modules.keys() == self.layers.keys(), unparsed  # the keys are the writer's own
         for key, layer in self.layers.items():
             if modules[key].alpha != layer.alpha:
                 raise LoRAError(f"{source} has alpha {modules[key].alpha} for {kohya_name(*key)}, this network has "
                                 f"alpha {layer.alpha}; build the network with alpha={modules[key].alpha}")
             layer.load_file_module(modules[key])
+        if self.token is not None:  # the strict check above found its bundle key
+            self.token.vectors.copy_(bundled_embeddings(tensors)[self.token.token])
 
     def header(self) -> dict[str, str]:
         """The file's own metadata: rank, alpha, targets, format version, and kohya's `ss_network_module` /
@@ -280,13 +294,16 @@ class LoRANetwork:
             header["ss_network_args"] = json.dumps(args)
         if self.network_type != "lora":
             header["network_type"] = self.network_type
+        if self.token is not None:
+            header["train_token"] = self.token.token
         if self.parent:
             header |= {"network_weights": self.parent[0], "network_weights_sha256": self.parent[1]}
         return header
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the LoRA file; `metadata` (strings) is added to the network's own header."""
-        return write_lora_file(path, self.lora_modules(), self.header() | (metadata or {}))
+        return write_lora_file(path, self.lora_modules(), self.header() | (metadata or {}),
+                               embeddings=self.embeddings())
 
     def load(self, path: str | Path) -> dict[str, str]:
         """Load a LoRA file written by save() into these layers; returns the file's metadata."""

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from sdlora.lora_file import (
-    LAYOUTS, LORA_FORMAT_VERSION, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, checked_modules, kohya_name,
-    module_order, parse_path_number, rank_alpha_metadata, read_lora_file, read_lora_modules, write_lora_file,
+    LAYOUTS, LORA_FORMAT_VERSION, MODEL_NAMES, LoRAError, LoRAModule, LoRAModules, bundled_embeddings,
+    checked_modules, kohya_name, module_order, parse_path_number, rank_alpha_metadata, read_lora_file,
+    read_lora_modules, write_lora_file,
 )
 
 # SD 1.x modules whose weight is a convolution (our adapters' targets): a LoHa/LoKr file stores their "in" side
@@ -97,13 +98,18 @@ def base_weights(base_model: str | Path, modules: LoRAModules) -> dict[tuple[str
     return weights
 
 
+def embeddings_of(path: str | Path) -> dict[str, torch.Tensor]:
+    """The token embeddings bundled in a LoRA file (pivotal tuning), carried over by every tool that rewrites it."""
+    return bundled_embeddings(read_lora_file(path)[0])
+
+
 def convert_lora_file(path: str | Path, out: str | Path, layout: str) -> Path:
     """Rewrite a LoRA file in `layout` ("kohya" or "peft"): the same tensors bit for bit, the same alphas and
     metadata, so kohya -> peft -> kohya gives the file back."""
     if layout not in LAYOUTS:
         raise LoRAError(f"--to {layout}: expected one of {', '.join(LAYOUTS)}")
     modules, metadata = read_lora_modules(path)
-    return write_lora_file(out, modules, metadata, layout)
+    return write_lora_file(out, modules, metadata, layout, embeddings=embeddings_of(path))
 
 
 def convert_to_plain_lora(path: str | Path, out: str | Path, rank: int, base_model: str | Path | None = None
@@ -120,7 +126,7 @@ def convert_to_plain_lora(path: str | Path, out: str | Path, rank: int, base_mod
     header = plain_lora_header(metadata, converted) | {"convert_energy_kept": f"{overall:.6f}",
                                                 "converted_from": ",".join(sorted({m.network_type for m in
                                                                                     modules.values()}))}
-    write_lora_file(out, converted, header)
+    write_lora_file(out, converted, header, embeddings=embeddings_of(path))
     return energy, overall
 
 
@@ -161,7 +167,14 @@ def merge_lora_files(out: str | Path, inputs: list[tuple[str | Path, float]]) ->
     header = {k: v for k, v in first.items() if all(m.get(k) == v for m in others)}
     header = plain_lora_header(header, merged) | {"format_version": LORA_FORMAT_VERSION,
                                                   "merged_from": json.dumps([[str(p), m] for p, m in inputs])}
-    return write_lora_file(out, merged, header)
+    embeddings = {}
+    for path, _ in inputs:  # each token's vectors as trained (an embedding has no multiplier)
+        for token, vectors in embeddings_of(path).items():
+            if token in embeddings and not torch.equal(embeddings[token], vectors):
+                raise LoRAError(f"{path} and another input bundle different embeddings for {token!r}; one LoRA file "
+                                f"holds one embedding per token: merge files with other tokens")
+            embeddings[token] = vectors
+    return write_lora_file(out, merged, header, embeddings=embeddings)
 
 
 def _delta_svd(module: LoRAModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,7 +228,7 @@ def resize_lora_file(path: str | Path, out: str | Path, rank: int) -> tuple[dict
     modules, metadata = read_lora_modules(path)
     resized, energy, overall = resize_lora_modules(modules, rank)
     header = plain_lora_header(metadata, resized) | {"resize_energy_kept": f"{overall:.6f}"}
-    write_lora_file(out, resized, header)
+    write_lora_file(out, resized, header, embeddings=embeddings_of(path))
     return energy, overall
 
 

@@ -1,14 +1,16 @@
 """Train a LoRA for Stable Diffusion 1.x.
 
 Edit the constants below and run `python train_lora.py`; any constant can be overridden by a flag of the
-same name (`--learning_rate 5e-5`). The result is `<output_dir>/pytorch_lora_weights.safetensors`, which
-generate.py, diffusers (`load_lora_weights`), AUTOMATIC1111 and ComfyUI load.
+same name (`--learning_rate 5e-5`), or by a TOML file of them (`--config run.toml`; flags still win). The
+result is `<output_dir>/pytorch_lora_weights.safetensors`, which generate.py, diffusers (`load_lora_weights`),
+AUTOMATIC1111 and ComfyUI load.
 """
 
 # --- base model ---
 pretrained_model_name_or_path = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
 # --- data ---
 dataset_path = "examples/dataset"  # folder of images with same-stem .txt captions or a metadata.jsonl
+dataset_config = ""  # or kohya's dataset TOML: several folders, each with its repeats and caption rules; "": off
 caption_extension = ".txt"  # extension of the caption files beside the images
 fallback_caption = ""  # caption for images without one, e.g. "a photo of sks dog"
 resolution = 512  # px, square training crops; a multiple of 8
@@ -20,6 +22,8 @@ trigger_phrase = ""  # put first in every caption, e.g. "sks dog"
 shuffle_tags = False  # shuffle the comma-separated tags of each caption at each step
 keep_tags = 1  # tags kept in place at the front when shuffling
 caption_dropout = 0.0  # probability of training a step on the empty caption (keeps guidance working)
+masked_loss = False  # weight the loss by each picture's mask (white = learn, black = ignore): mask_path or alpha
+mask_path = ""  # folder of same-stem mask images (sub-folders as under dataset_path); "": the alpha channels
 # --- prior preservation (class images) ---
 class_data_path = ""  # folder of class images, e.g. of "a photo of a dog", trained beside the instances; "": off
 class_prompt = ""  # the class's plain prompt: caption of class images without one, and what missing ones draw
@@ -40,6 +44,12 @@ module_dropout = 0.0  # leave out a module's whole update with this probability 
 network_weights = ""  # start from this LoRA file (ours, kohya's, diffusers/PEFT): type, ranks, alphas, targets from it
 train_text_encoder = False  # also put LoRA on the CLIP text encoder's attention projections
 text_encoder_lr = 0.0  # learning rate of the text-encoder LoRA; 0: learning_rate
+# --- pivotal tuning: a token's text embedding trained beside the LoRA, saved in the LoRA file ---
+train_token = ""  # caption word whose embedding trains, e.g. "sks"; "": off
+train_token_new = False  # add train_token to the tokenizer as a new token (needed when the tokenizer splits it)
+train_token_init = ""  # one-token word the embedding starts from, e.g. "dog"; "": the token's own embedding
+train_token_vectors = 1  # embedding vectors the token stands for (diffusers spells them tok, tok_1, ...)
+train_token_lr = 5e-4  # learning rate of the token's embedding (no weight decay)
 # --- optimisation ---
 train_batch_size = 1  # images per step per device
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -53,6 +63,12 @@ max_grad_norm = 1.0  # gradient clipping; 0 turns it off
 adam_weight_decay = 1e-2  # decoupled weight decay of the optimizer (Lion: 3-10x larger)
 snr_gamma = 0.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556), 5.0 in the paper; 0: off
 noise_offset = 0.0  # extra per-channel noise offset: fuller range of brightness; 0.05-0.1 typical; 0: off
+loss_type = "l2"  # l2; huber, smooth_l1: pseudo-Huber losses, robust to odd pixels (Khrapov et al. 2024)
+huber_c = 0.1  # huber / smooth_l1 threshold (kohya's huber_c); scheduled: its value at high noise
+huber_schedule = "snr"  # constant, exponential or snr: the threshold over the timesteps, as kohya schedules it
+debiased_estimation = False  # weight each sample by 1 / sqrt(SNR_t) (kohya's debiased_estimation_loss)
+min_timestep = 0  # timesteps are drawn from [min_timestep, max_timestep), within [0, 1000)
+max_timestep = 1000  # e.g. 200 and 1000 leave out the least noisy steps (fine detail)
 ema_decay = 0.0  # keep an EMA of the LoRA weights, saved as its own file, e.g. 0.999; 0: off
 mixed_precision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU; or no, fp16, bf16
 seed = 42  # data order, crops, flips, noise and timesteps all derive from it
@@ -87,9 +103,10 @@ DEFAULTS = {name: value for name, value in list(globals().items())
 CONFIG_NAMES = list(DEFAULTS)
 # Every setting above defines the run (a resume must share it to continue exactly) except these, which only say
 # where files go, when to save, sample and validate, how fast, and how careful. The data is compared by fingerprint.
-NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "output_dir", "checkpointing_steps",
-                    "checkpoints_total_limit", "resume_from_checkpoint", "sample_prompts", "sample_prompts_file",
-                    "sample_steps", "sample_inference_steps", "sample_guidance_scale", "validation_split",
+NOT_RUN_DEFINING = ("dataset_path", "dataset_config", "mask_path", "class_data_path", "num_class_images",
+                    "output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                    "sample_prompts", "sample_prompts_file", "sample_steps", "sample_inference_steps",
+                    "sample_guidance_scale", "validation_split",
                     "validation_dataset_path", "validation_loss_steps", "dataloader_num_workers", "cache_latents",
                     "cache_text_embeddings", "cache_latents_to_disk", "gradient_checkpointing", "strict_data",
                     "resume_despite_changes", "max_nonfinite_steps", "interop_check")
@@ -107,19 +124,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 
 from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
 from lora_diffusion import NETWORK_TYPES
+from sdlora.kohya_dataset import check_dataset_config, has_class_subsets
+from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.optimizers import build_optimizer, optimizer_problem
 from sdlora.preflight import check_data, check_free_disk
 from sdlora.resuming import checkpoint_run, resume_command, resume_training
+from sdlora.run_config import read_run_config
 from sdlora.run_files import LOGS_DIR, VAL_LOSS_LOG_NAME, lora_metadata, save_lora_files
 from sdlora.settings import (MIXED_PRECISIONS, PRECISION_DTYPES, ConfigError, build_parser, check_model_source,
                              resolve_machine_settings)
@@ -138,7 +158,14 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Configuration: the constants above, overridden by same-named flags
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    cfg = build_parser(dict(DEFAULTS), __doc__.splitlines()[0]).parse_args(argv)
+    """The constants, then a `--config` TOML's settings over them, then the flags over both."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default="")
+    config_file = first.parse_known_args(argv)[0].config
+    defaults = dict(DEFAULTS) | (read_run_config(config_file, DEFAULTS) if config_file else {})
+    parser = build_parser(defaults, __doc__.splitlines()[0])
+    parser.add_argument("--config", default="", metavar="RUN.TOML", help="settings from a TOML file; flags win")
+    cfg = parser.parse_args(argv)
     cfg.sample_prompts = tuple(cfg.sample_prompts)
     return cfg
 
@@ -189,15 +216,18 @@ def check_config(cfg: argparse.Namespace) -> None:
     problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
     need(problem is None, problem)
     check_prior_preservation(cfg)
+    check_loss_settings(cfg)
+    check_mask_settings(cfg)
+    check_dataset_config(cfg, DEFAULTS)
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
 
 def check_prior_preservation(cfg: argparse.Namespace) -> None:
     """Class images: a prompt for them, a folder apart from the instance images, or no class settings at all."""
-    class_settings = [f"--{name} {getattr(cfg, name)}" for name in ("class_prompt", "num_class_images",
-                                                                    "prior_loss_weight")
-                      if getattr(cfg, name) != DEFAULTS[name]]
+    class_names = ("class_prompt", "num_class_images") + (() if has_class_subsets(cfg.dataset_config)
+                                                           else ("prior_loss_weight",))  # is_reg subsets use it
+    class_settings = [f"--{name} {getattr(cfg, name)}" for name in class_names if getattr(cfg, name) != DEFAULTS[name]]
     if not cfg.class_data_path:
         if class_settings:
             raise ConfigError(f"{', '.join(class_settings)} set but class_data_path is empty: point "
@@ -336,6 +366,9 @@ def make_accelerator(cfg, output_dir: Path) -> Accelerator:
         gradient_accumulation_steps=micro_batches_per_step(cfg), mixed_precision=cfg.mixed_precision,
         # The sampler yields global batches, each split into one slice per process (see BucketBatchSampler).
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # A trained token is in some captions only: on several processes its vectors get no gradient in a batch
+        # without it (a class batch, a dropped caption), which DDP must be told to expect.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train_token else None,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output_dir / LOGS_DIR),
     )
@@ -343,21 +376,25 @@ def make_accelerator(cfg, output_dir: Path) -> Accelerator:
 
 def make_optimizer(cfg, network) -> torch.optim.Optimizer:
     """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
-    text_encoder_lr."""
+    text_encoder_lr, a trained token's embedding at train_token_lr."""
     groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
                           for p in layer.trainable_parameters()], "lr": lr}
               for model_name, lr in (("unet", cfg.learning_rate),
                                      ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
+    if network.token is not None:  # decay would pull the vectors towards zero, away from every word
+        groups.append({"params": [network.token.vectors], "lr": cfg.train_token_lr, "weight_decay": 0.0})
     return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)
 
 
 def prepare_for_training(cfg, accelerator: Accelerator, models: StepModels, optimizer,
                          dataloader) -> tuple[StepModels, torch.optim.Optimizer, torch.utils.data.DataLoader]:
     """accelerate's prepare on the modules holding LoRA layers (the UNet, and the text encoder when it trains), the
-    optimizer and the data; returns (`models` with the prepared modules, optimizer, dataloader)."""
-    trained = [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+    optimizer and the data; returns (`models` with the prepared modules, optimizer, dataloader). A text encoder
+    holding a trained token counts as training (its gradients are synchronised)."""
+    text_encoder_trains = cfg.train_text_encoder or bool(cfg.train_token)
+    trained = [models.unet, models.text_encoder] if text_encoder_trains else [models.unet]
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
-    text_encoder = trained[1] if cfg.train_text_encoder else models.text_encoder
+    text_encoder = trained[1] if text_encoder_trains else models.text_encoder
     return replace(models, unet=trained[0], text_encoder=text_encoder, trained=trained), optimizer, dataloader
 
 

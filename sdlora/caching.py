@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from dataset import CustomDataset
 from sdlora.files import atomic_write
+from sdlora.losses import latent_mask
 
 CACHE_VERSION = "1"
 
@@ -85,12 +86,21 @@ def encode_text_cache(captions: list[str], tokenizer, text_encoder,
     return cache
 
 
-class EncodedDataset(Dataset):
-    """A CustomDataset whose items carry cached latent distributions and/or text embeddings instead of
-    pixels and captions to encode. Mirroring follows the wrapped dataset's (seed, epoch, index) draw."""
+def latent_mask_cache(dataset: CustomDataset, latents: dict) -> dict[tuple[int, bool], torch.Tensor]:
+    """{(example index, flip): its loss mask on the latent grid (1 x h x w)} for every cached latent: the mask
+    cropped and mirrored as the cached picture was (centre crops: the cache is off with random ones), shrunk as
+    the loss step shrinks it (losses.latent_mask). Read from the mask files, never from the disk cache."""
+    return {(index, flip): latent_mask(dataset.mask(index, flip)[None], mean.shape[-2:])[0]
+            for (index, flip), (mean, _) in latents.items()}
 
-    def __init__(self, dataset: CustomDataset, latents: dict | None, embeddings: dict | None):
-        self.dataset, self.latents, self.embeddings = dataset, latents, embeddings
+
+class EncodedDataset(Dataset):
+    """A CustomDataset whose items carry cached latent distributions (and loss masks) and/or text embeddings
+    instead of pixels and captions to encode. Mirroring follows the wrapped dataset's (seed, epoch, index) draw."""
+
+    def __init__(self, dataset: CustomDataset, latents: dict | None, embeddings: dict | None,
+                 masks: dict | None = None):
+        self.dataset, self.latents, self.embeddings, self.masks = dataset, latents, embeddings, masks
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -104,8 +114,10 @@ class EncodedDataset(Dataset):
         if self.latents is not None:
             _, flip = self.dataset.augmentation(index)
             item["latent_mean"], item["latent_std"] = self.latents[(self.dataset.order[index], flip)]
+            if self.masks is not None:
+                item["mask"] = self.masks[(self.dataset.order[index], flip)]
         else:
-            item["pixel_values"] = self.dataset[index]["pixel_values"]
-        if self.embeddings is not None:
+            item |= {key: value for key, value in self.dataset[index].items() if key in ("pixel_values", "mask")}
+        if self.embeddings is not None and caption in self.embeddings:  # one holding a trained token is not cached
             item["text_embedding"] = self.embeddings[caption]
         return item

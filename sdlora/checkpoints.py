@@ -198,7 +198,10 @@ def load_checkpoint(folder: Path, network: LoRANetwork, optimizer, lr_scheduler,
 # Run-defining settings added after checkpoints were first written, with the value that gives the behaviour every
 # earlier run had: an older checkpoint lacks them and still resumes exactly at these values.
 SETTINGS_ADDED_LATER = {"network_type": "lora", "lokr_factor": -1, "network_dropout": 0.0, "rank_dropout": 0.0,
-                        "module_dropout": 0.0, "network_weights": ""}
+                        "module_dropout": 0.0, "network_weights": "", "train_token": "", "train_token_new": False,
+                        "train_token_init": "", "train_token_vectors": 1, "train_token_lr": 5e-4, "loss_type": "l2",
+                        "huber_c": 0.1, "huber_schedule": "snr", "debiased_estimation": False, "min_timestep": 0,
+                        "max_timestep": 1000, "masked_loss": False}
 
 
 def run_identity(cfg, names: tuple[str, ...], num_processes: int) -> dict:

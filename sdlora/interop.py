@@ -19,8 +19,9 @@ from torch import nn
 from sdlora.files import atomic_write
 from sdlora.adapters import AdapterLayer
 from sdlora.lora_file import (
-    MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, first_few, fuse_lora_file, kohya_name, our_path,
-    parse_lora_tensors, read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
+    MODEL_NAMES, TEXT_ENCODER_PREFIX, LoRAError, LoRAModules, bundled_embeddings, first_few, fuse_lora_file,
+    kohya_name, our_path, parse_lora_tensors, read_lora_file, split_key, text_encoder_lora_name, unet_lora_name,
+    without_bundle,
 )
 
 _RESNET_LDM_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -224,8 +225,13 @@ def _diffusers_check(path: Path, models: dict[str, nn.Module], names: list[str],
 
     bases = {model_name: _without_lora(model) for model_name, model in models.items()}
     try:
+        tensors, _ = read_lora_file(path)
+        # A bundled embedding makes diffusers take the file for its own layout (it converts kohya names only when
+        # every key is one): its users load the LoRA tensors alone, and the embedding from the textual-inversion
+        # file. Such a file is kohya layout, its alphas in its keys.
+        source = without_bundle(tensors) if bundled_embeddings(tensors) else str(path.parent)
         state_dict, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path.parent), weight_name=path.name, return_lora_metadata=True)
+            source, weight_name=path.name, return_lora_metadata=True)
         StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, bases["unet"], metadata=adapter_metadata)
         if "text_encoder" in bases:
             StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, bases["text_encoder"],
@@ -296,6 +302,7 @@ def check_interop(path: str | Path, unet: nn.Module, text_encoder: nn.Module | N
     the file."""
     path = Path(path)
     tensors, metadata = read_lora_file(path)
+    tensors = without_bundle(tensors)  # a bundled embedding is no module (the clients read it as an embedding)
     modules, problems = parse_lora_tensors(tensors, metadata)
     names = _module_names(tensors)
     models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})

@@ -13,6 +13,7 @@ from sdlora.checkpoints import read_state
 from sdlora.cpu_kernels import fp32_choices, use_fp32_choices
 from sdlora.files import read_safetensors_as
 from sdlora.network_weights import network_from_file
+from sdlora.pivotal import trained_token
 from sdlora.settings import ConfigError
 
 LORA_TARGETS = {"attention": UNET_TARGETS,
@@ -105,21 +106,22 @@ def trainable_unet(cfg, weight_dtype, fp32_parts: dict[str, bool]) -> UNet2DCond
 def inject_lora(cfg, unet, text_encoder):
     """LoRA (or the network_type's layers) on the UNet (and the text encoder when it trains); from the
     network_weights file when one is given. The layers' initial weights are drawn from torch's global generator:
-    seed it just before, so every run starts alike."""
+    seed it just before, so every run starts alike. A token the text encoder trains (pivotal tuning) joins the
+    network."""
     spec = AdapterSpec(cfg.network_type, cfg.lora_dropout, cfg.network_dropout, cfg.rank_dropout, cfg.module_dropout,
                        cfg.lokr_factor)
     if cfg.network_weights:
         network = network_from_file(cfg, unet, text_encoder, spec)
-        if cfg.train_text_encoder:
-            text_encoder.train()
-        return network
-    if cfg.conv_rank and not matching_paths(unet, CONV_TARGETS):
-        raise ConfigError(f"--conv_rank {cfg.conv_rank}: the UNet of {cfg.pretrained_model_name_or_path} has no "
-                          f"ResNet or sampler convolutions ({', '.join(CONV_TARGETS)}) to put LoRA on; set "
-                          f"--conv_rank 0")
-    network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, targets=LORA_TARGETS[cfg.lora_targets],
-                                    text_encoder=text_encoder if cfg.train_text_encoder else None,
-                                    conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, spec=spec)
+    else:
+        if cfg.conv_rank and not matching_paths(unet, CONV_TARGETS):
+            raise ConfigError(f"--conv_rank {cfg.conv_rank}: the UNet of {cfg.pretrained_model_name_or_path} has no "
+                              f"ResNet or sampler convolutions ({', '.join(CONV_TARGETS)}) to put LoRA on; set "
+                              f"--conv_rank 0")
+        network = inject_trainable_lora(unet, rank=cfg.rank, alpha=cfg.alpha, targets=LORA_TARGETS[cfg.lora_targets],
+                                        text_encoder=text_encoder if cfg.train_text_encoder else None,
+                                        conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, spec=spec)
+    if trained_token(text_encoder) is not None:
+        network.add_token(trained_token(text_encoder))
     if cfg.train_text_encoder:
         text_encoder.train()
     return network

@@ -55,6 +55,11 @@ _ROLE_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha"
                   ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_w1_a": "lokr_w1_a",
                   ".lokr_w1_b": "lokr_w1_b"}
 _LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+# A text embedding bundled with the LoRA (pivotal tuning): `bundle_emb.<name>.string_to_param.*` [n, width], the
+# keys AUTOMATIC1111 gathers into a textual-inversion embedding when the LoRA loads (extensions-builtin/Lora/
+# networks.py, load_network: `bundle_emb` keys, split once at "." into name and `string_to_param.*`).
+BUNDLE_PREFIX = "bundle_emb."
+BUNDLE_SUFFIX = ".string_to_param.*"
 
 
 class LoRAError(ValueError):
@@ -191,6 +196,34 @@ def _module_key(name: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Bundled embeddings
+
+def bundle_tensors(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: n x D} -> {`bundle_emb.<name>.string_to_param.*`: n x D (fp32)}."""
+    return {f"{BUNDLE_PREFIX}{name}{BUNDLE_SUFFIX}": vectors.detach().float() for name, vectors in embeddings.items()}
+
+
+def bundled_embeddings(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embeddings bundled in a file's tensors, {name: n x D}; a bundle key of another shape is an error."""
+    found = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name = key.removeprefix(BUNDLE_PREFIX).removesuffix(BUNDLE_SUFFIX)
+        if not key.endswith(BUNDLE_SUFFIX) or "." in name or tensor.dim() != 2:
+            raise LoRAError(f"{key}: a bundled embedding is `bundle_emb.<name>.string_to_param.*` holding an "
+                            f"[n_vectors, width] tensor, got {tuple(tensor.shape)}")
+        found[name] = tensor
+    return found
+
+
+def without_bundle(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors alone: what diffusers' load_lora_weights converts (it takes kohya names only when every key
+    is one)."""
+    return {key: tensor for key, tensor in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Reading: one parser for both layouts
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -213,11 +246,12 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """The modules of a file's tensors, and one line for each key or module that is not a usable LoRA.
 
     Our/kohya keys take alpha from `.alpha` (missing: alpha = rank); diffusers/PEFT keys from the
-    `lora_adapter_metadata` header (PEFT's rules), else alpha = rank."""
+    `lora_adapter_metadata` header (PEFT's rules), else alpha = rank. Bundled embeddings are no module: see
+    bundled_embeddings."""
     peft_configs = _peft_configs(metadata)
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     problems = set()
-    for key, tensor in tensors.items():
+    for key, tensor in without_bundle(tensors).items():
         split = split_key(key)
         if split is None:
             problems.add(f"{key}: not a LoRA down, up or alpha tensor")
@@ -343,15 +377,20 @@ def kohya_tensors(modules: LoRAModules) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_lora_file(path: str | Path, modules: LoRAModules, metadata: dict[str, str], layout: str = "kohya") -> Path:
+def write_lora_file(path: str | Path, modules: LoRAModules, metadata: dict[str, str], layout: str = "kohya",
+                    embeddings: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `modules` (tensors as they are) with `metadata`, in one of LAYOUTS:
-    kohya: `lora_unet_<path>.lora_down.weight` / `.lora_up.weight` / 0-d `.alpha` (fp32), our training format;
+    kohya: `lora_unet_<path>.lora_down.weight` / `.lora_up.weight` / 0-d `.alpha` (fp32), our training format,
+           with any `embeddings` {name: n x D} bundled (bundle_tensors);
     peft:  `unet.<path>.lora_A.weight` / `.lora_B.weight`, the alphas in diffusers' `lora_adapter_metadata` header,
            because PEFT keys carry none (diffusers' own convert_state_dict_to_kohya loses them the other way)."""
     if layout == "kohya":
-        tensors = kohya_tensors(modules)
+        tensors = kohya_tensors(modules) | bundle_tensors(embeddings or {})
         header = {k: v for k, v in metadata.items() if k not in _PEFT_HEADER_KEYS}
     elif layout == "peft":
+        if embeddings:
+            raise LoRAError("the diffusers/PEFT layout has no place for a bundled embedding; keep the kohya layout "
+                            "and give diffusers the textual-inversion file (learned_embeds.safetensors)")
         others = sorted({m.network_type for m in modules.values()} - {"lora"})
         if others:
             raise LoRAError(f"the diffusers/PEFT layout holds plain LoRA only, this file has {', '.join(others)} "

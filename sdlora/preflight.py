@@ -5,9 +5,12 @@ checkpoints on disk."""
 import shutil
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 from dataset import CustomDataset
 from sdlora.checkpoints import check_resume_matches, run_identity
 from sdlora.class_images import generate_missing
+from sdlora.pivotal import check_train_token
 from sdlora.run_files import IMAGE_CHECK_CACHE_NAME, write_run_start
 from sdlora.settings import PRECISION_DTYPES, ConfigError
 from sdlora.training_data import make_dataset
@@ -39,14 +42,17 @@ def check_data(cfg, accelerator, output_dir: Path, resume_folder: Path | None,
                run_defining: tuple[str, ...]) -> tuple[CustomDataset, CustomDataset | None, dict]:
     """(training images, held-out images or None, run identity), once the output folder is known writable and the
     class images are there. The main process checks the images first and fills the check cache the rest read; a
-    resume is refused here when its settings (`run_defining`) or data differ from the checkpoint's. The main process
-    writes data_report.json and config.json."""
+    resume is refused here when its settings (`run_defining`) or data differ from the checkpoint's, and a
+    train_token the tokenizer or captions cannot train. The main process writes data_report.json and config.json."""
     if accelerator.is_main_process:
         check_output_dir(output_dir)
     fill_class_images(cfg, accelerator, resume_folder)
     with accelerator.main_process_first():
         dataset = make_dataset(cfg, cfg.dataset_path, cfg.strict_data, output_dir / IMAGE_CHECK_CACHE_NAME,
                                with_classes=True)
+    if cfg.train_token:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer")
+        check_train_token(cfg, tokenizer, [example.caption for example in dataset.examples])
     validation_data = held_out_dataset(cfg, dataset)
     identity = run_identity(cfg, run_defining, accelerator.num_processes)
     if resume_folder:

@@ -13,10 +13,11 @@ log = logging.getLogger(__name__)
 
 
 def resume_command(cfg, defaults: dict) -> str:
-    """The command line that continues this run: every setting that differs from the constants, plus resume."""
+    """The command line that continues this run: every setting that differs from the constants, plus resume (a
+    --config file's settings among them, so the file itself is not needed)."""
     args = []
     for name, value in vars(cfg).items():
-        if name == "resume_from_checkpoint" or value == defaults.get(name):
+        if name in ("resume_from_checkpoint", "config") or value == defaults.get(name):
             continue
         if isinstance(value, tuple):
             args += [f"--{name}", *value]

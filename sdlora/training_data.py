@@ -10,27 +10,34 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from dataset import BucketBatchSampler, CustomDataset, WeightedItems, caption_token_counts
-from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache
+from sdlora.caching import EncodedDataset, encode_latent_cache, encode_text_cache, latent_mask_cache
+from sdlora.kohya_dataset import has_class_subsets, read_dataset_config
+from sdlora.pivotal import add_train_token, spell_out
 from sdlora.run_files import LATENT_CACHE_DIR
 from sdlora.validation import ValidationSet
 
 
 def make_dataset(cfg, path: str, strict: bool = False, cache_path: Path | None = None,
                  with_classes: bool = False) -> CustomDataset:
-    """The images and captions at `path` (and the class images, `with_classes`) with the run's data settings:
-    the one place config names map to CustomDataset's parameters."""
+    """The images and captions at `path` (and, `with_classes`, the class images and the pictures' loss masks: the
+    training set; its folders from dataset_config when set) with the run's data settings: the one place config
+    names map to CustomDataset's parameters."""
+    subsets = read_dataset_config(cfg.dataset_config, cfg) if cfg.dataset_config and with_classes else None
     return CustomDataset(
         path, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
         caption_extension=cfg.caption_extension, fallback_caption=cfg.fallback_caption, seed=cfg.seed,
         strict=strict, cache_path=cache_path, buckets=cfg.aspect_ratio_buckets, bucket_upscale=cfg.bucket_upscale,
         trigger_phrase=cfg.trigger_phrase, shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags,
         caption_dropout=cfg.caption_dropout, class_data_path=cfg.class_data_path if with_classes else None,
-        class_prompt=cfg.class_prompt)
+        class_prompt=cfg.class_prompt, masked_loss=cfg.masked_loss and with_classes, mask_path=cfg.mask_path,
+        subsets=subsets)
 
 
 def micro_batches_per_step(cfg) -> int:
-    """Micro-batches in one optimizer step: with class images each instance batch comes with a class batch."""
-    return cfg.gradient_accumulation_steps * (2 if cfg.class_data_path else 1)
+    """Micro-batches in one optimizer step: with class images (class_data_path, or a dataset config's is_reg
+    subsets) each instance batch comes with a class batch."""
+    classes = cfg.class_data_path or has_class_subsets(cfg.dataset_config)
+    return cfg.gradient_accumulation_steps * (2 if classes else 1)
 
 
 def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDataset | None, tokenizer, text_encoder,
@@ -38,13 +45,15 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
     """(the items the loop draws, the held-out ValidationSet or None, the VAE, the text encoder): what is frozen,
     encoded once on the accelerator's device, the VAE and text encoder then None when their work is all cached (so
     their memory is freed before the UNet loads). Says why a cache is off when the settings rule it out, and how
-    many captions CLIP cuts short."""
+    many captions CLIP cuts short. A train_token is added to the tokenizer and text encoder first; captions holding
+    it are encoded at each step (its embedding trains), so the text encoder stays."""
+    token = add_train_token(cfg, tokenizer, text_encoder)
     if accelerator.is_main_process:
         report_long_captions(dataset, tokenizer)
         report_trigger_and_image_count(cfg, dataset, tokenizer)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    latents = embeddings = None
+    latents = embeddings = masks = None
     say = accelerator.print
     if cfg.cache_latents and not cfg.center_crop:
         say("latent cache off: random crops make every step's crop new, so images are encoded at each step")
@@ -57,20 +66,26 @@ def encode_frozen_inputs(cfg, dataset: CustomDataset, validation_data: CustomDat
             latents = encode_latent_cache(dataset, vae, disk_dir, f"{cfg.pretrained_model_name_or_path}|{weight_dtype}",
                                           progress, shard)
         latents = gather_parts(latents, accelerator)
+        masks = latent_mask_cache(dataset, latents) if dataset.masked else None
     captions = dataset.possible_captions()
     if cfg.cache_text_embeddings and cfg.train_text_encoder:
         say("text-embedding cache off: the text encoder is training, so captions are encoded at each step")
     elif cfg.cache_text_embeddings and captions is None:
         say("text-embedding cache off: tag shuffling makes new captions at each step")
     elif cfg.cache_text_embeddings:
+        if token is not None:
+            captions = {c for c in captions if cfg.train_token not in tokenizer.tokenize(c)}
+            say(f"text-embedding cache: captions holding {cfg.train_token!r} are encoded at each step (its "
+                f"embedding trains); {len(captions)} other caption(s) cached")
         embeddings = encode_text_cache(sorted(captions), tokenizer, text_encoder,
                                        (accelerator.process_index, accelerator.num_processes))
-        embeddings = gather_parts(embeddings, accelerator)
-    validation = None if validation_data is None else ValidationSet(validation_data, vae, tokenizer, text_encoder,
-                                                                     vae.config.scaling_factor, cfg.train_text_encoder)
-    train_data = EncodedDataset(dataset, latents, embeddings) if latents or embeddings else dataset
+        embeddings = gather_parts(embeddings, accelerator) or None
+    validation = None if validation_data is None else ValidationSet(
+        validation_data, vae, tokenizer, text_encoder, vae.config.scaling_factor,
+        cfg.train_text_encoder or token is not None)
+    train_data = EncodedDataset(dataset, latents, embeddings, masks) if latents or embeddings else dataset
     return (train_data, validation, None if latents is not None else vae,
-            None if embeddings is not None else text_encoder)
+            None if embeddings is not None and token is None else text_encoder)
 
 
 def report_long_captions(dataset: CustomDataset, tokenizer: CLIPTokenizer) -> None:
@@ -112,17 +127,18 @@ def gather_parts(part: dict, accelerator) -> dict:
 
 
 def make_collate(tokenizer):
-    """Stack what the items carry: cached latent distributions or pixels, cached text embeddings or token ids."""
+    """Stack what the items carry: cached latent distributions or pixels, cached text embeddings (when every item
+    has one) or token ids (multi-vector tokens spelled out, see pivotal.spell_out)."""
     def collate(items: list[dict]) -> dict:
         batch = {"index": torch.tensor([item["index"] for item in items]),
                  "loss_weight": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32)}
-        for key in ("pixel_values", "latent_mean", "latent_std", "text_embedding"):
-            if key in items[0]:
+        for key in ("pixel_values", "latent_mean", "latent_std", "mask", "text_embedding"):
+            if all(key in item for item in items):
                 batch[key] = torch.stack([item[key] for item in items])
         if "text_embedding" not in batch:
-            batch["input_ids"] = tokenizer([item["caption"] for item in items], padding="max_length",
-                                           truncation=True, max_length=tokenizer.model_max_length,
-                                           return_tensors="pt").input_ids
+            batch["input_ids"] = tokenizer([spell_out(item["caption"], tokenizer) for item in items],
+                                           padding="max_length", truncation=True,
+                                           max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         return batch
     return collate
 

@@ -1,13 +1,14 @@
-"""One training step: each sample's noise and timestep from (seed, step, index), the diffusion loss (with Min-SNR
-weighting and offset noise), backward, and the update unless something is not finite."""
+"""One training step: each sample's noise and timestep from (seed, step, index), the diffusion loss (losses.py's
+loss type, Min-SNR or debiased weighting, offset noise), backward, and the update unless something is not
+finite."""
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from sdlora.caching import latent_distribution
+from sdlora.losses import LossSpec, debiased_weights, latent_mask, per_sample_loss
 from sdlora.stopping import updates_are_finite
 
 
@@ -28,8 +29,9 @@ class SampleRandomness:
         """B x shape, sample i drawn from generator i."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
-    def randint(self, high: int) -> torch.Tensor:
-        return torch.cat([torch.randint(0, high, (1,), generator=g, device=self.device) for g in self.generators])
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        """B integers in [low, high), sample i drawn from generator i."""
+        return torch.cat([torch.randint(low, high, (1,), generator=g, device=self.device) for g in self.generators])
 
 
 def batch_latents(batch: dict, vae, scaling_factor: float, randomness: SampleRandomness) -> torch.Tensor:
@@ -42,31 +44,37 @@ def batch_latents(batch: dict, vae, scaling_factor: float, randomness: SampleRan
 
 
 def batch_text_embeddings(batch: dict, text_encoder) -> torch.Tensor:
-    """Caption embeddings (B x 77 x D): cached, or from the text encoder (with gradients when it trains)."""
+    """Caption embeddings (B x 77 x D): cached, or from the text encoder (with gradients when it trains: LoRA on it,
+    or a trained token's embedding in it)."""
     if "text_embedding" in batch:
         return batch["text_embedding"]
-    with torch.set_grad_enabled(text_encoder.training):
+    with torch.set_grad_enabled(text_encoder.training or any(p.requires_grad for p in text_encoder.parameters())):
         return text_encoder(batch["input_ids"])[0]
 
 
 def diffusion_loss(latents: torch.Tensor, encoder_hidden_states: torch.Tensor, unet, noise_scheduler,
                    randomness: SampleRandomness, snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction models),
-    optionally Min-SNR weighted per sample; the mean over samples, or their sum weighted by `sample_weights`
-    (the batch's Draw weights). Draws, in order: noise, offset noise (if any), timesteps."""
+                   sample_weights: torch.Tensor | None = None, loss: LossSpec = LossSpec(),
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss (losses.per_sample_loss: L2 by default; over the `mask`, B x 1 x h x w on the latent grid, when
+    given) between the UNet's prediction and its target (the noise, or the velocity for v-prediction models),
+    optionally Min-SNR and/or debiased-estimation weighted per sample; the mean over samples, or their sum weighted
+    by `sample_weights` (the batch's Draw weights). Draws, in order: noise, offset noise (if any), timesteps (in
+    [loss.min_timestep, loss.max_timestep))."""
     noise = randomness.randn(latents.shape[1:], latents.dtype)
     if noise_offset:
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
         noise = noise + noise_offset * randomness.randn((latents.shape[1], 1, 1), latents.dtype)
-    timesteps = randomness.randint(noise_scheduler.config.num_train_timesteps)
+    timesteps = randomness.randint(loss.min_timestep, loss.max_timestep)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = per_sample_loss(prediction, target, loss, timesteps, noise_scheduler, mask)
     if snr_gamma:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma,
                                                   predicts_velocity(noise_scheduler))
+    if loss.debiased_estimation:
+        per_sample = per_sample * debiased_weights(noise_scheduler, timesteps, predicts_velocity(noise_scheduler))
     if sample_weights is None:
         return per_sample.mean()
     return (per_sample * sample_weights.to(per_sample.device)).sum()
@@ -111,8 +119,9 @@ def train_micro_batch(batch: dict, step: int, cfg, accelerator, models: StepMode
         randomness = SampleRandomness(cfg.seed, step, batch["index"], accelerator.device)
         latents = batch_latents(batch, models.vae, models.scaling_factor, randomness)
         states = batch_text_embeddings(batch, models.text_encoder)
+        mask = latent_mask(batch["mask"].to(latents.device), latents.shape[-2:]) if "mask" in batch else None
         loss = diffusion_loss(latents, states, models.unet, models.noise_scheduler, randomness, cfg.snr_gamma,
-                              cfg.noise_offset, batch["loss_weight"])
+                              cfg.noise_offset, batch["loss_weight"], LossSpec.of(cfg), mask)
         accelerator.backward(loss)
         finite = not accelerator.sync_gradients or updates_are_finite(loss, network.parameters(), accelerator)
         if finite:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dataset import CustomDataset
 from sdlora.caching import encode_latent_cache, encode_text_cache
+from sdlora.pivotal import spell_out
 from sdlora.training_step import StepModels, diffusion_target
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, so the validation loss compares across steps and runs
@@ -38,8 +39,9 @@ class ValidationSet:
         was_training = text_encoder.training
         text_encoder.eval()
         try:
-            ids = self.tokenizer(self.captions, padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            ids = self.tokenizer([spell_out(c, self.tokenizer) for c in self.captions], padding="max_length",
+                                 truncation=True, max_length=self.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids
             return list(text_encoder(ids.to(text_encoder.device))[0])
         finally:
             text_encoder.train(was_training)
