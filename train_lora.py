@@ -78,7 +78,9 @@ gradient_checkpointing = False  # recompute UNet activations in the backward pas
 # --- safety ---
 strict_data = False  # True: any unusable image stops the run instead of being skipped
 resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
-max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run stops
+max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run heals or stops
+nonfinite_retries = 2  # then roll back to the newest valid checkpoint from before them, at most N times; 0: stop
+nonfinite_lr_factor = 0.5  # each rollback multiplies the learning rate by this, in (0, 1)
 interop_check = True  # after saving, load the file as diffusers, A1111 and ComfyUI would and compare the deltas
 
 # Everything above is configuration: collected here, before any import adds names of its own.
@@ -92,7 +94,8 @@ NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "outp
                     "sample_steps", "sample_inference_steps", "sample_guidance_scale", "validation_split",
                     "validation_dataset_path", "validation_loss_steps", "dataloader_num_workers", "cache_latents",
                     "cache_text_embeddings", "cache_latents_to_disk", "gradient_checkpointing", "strict_data",
-                    "resume_despite_changes", "max_nonfinite_steps", "interop_check")
+                    "resume_despite_changes", "max_nonfinite_steps", "nonfinite_retries", "nonfinite_lr_factor",
+                    "interop_check")
 RUN_DEFINING = tuple(name for name in CONFIG_NAMES if name not in NOT_RUN_DEFINING)
 
 # The imports follow the configuration on purpose: the constants are the first thing to read.
@@ -189,6 +192,11 @@ def check_config(cfg: argparse.Namespace) -> None:
     problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
     need(problem is None, problem)
     check_prior_preservation(cfg)
+    need(cfg.max_nonfinite_steps >= 1 and cfg.nonfinite_retries >= 0,
+         f"--max_nonfinite_steps {cfg.max_nonfinite_steps} / --nonfinite_retries {cfg.nonfinite_retries}: at least 1 "
+         f"non-finite step before healing, and 0 or more retries (0: stop as soon as the limit is reached)")
+    need(0 < cfg.nonfinite_lr_factor < 1, f"--nonfinite_lr_factor {cfg.nonfinite_lr_factor}: in (0, 1), e.g. 0.5; "
+         f"the same learning rate would diverge again the same way (set --nonfinite_retries 0 to never roll back)")
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
@@ -256,25 +264,23 @@ def main(cfg: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 
-    # Data: the cached or raw items, in batches of the seeded bucket order.
+    # Data: the cached or raw items, in batches of the seeded bucket order. Optimizer: over the LoRA weights, the
+    # UNet's and the text encoder's each at their learning rate.
     sampler, dataloader = make_dataloader(cfg, dataset, train_data, tokenizer, accelerator.num_processes)
-
-    # Optimizer: over the LoRA weights, the UNet's and the text encoder's each at their learning rate.
     optimizer = make_optimizer(cfg, network)
 
-    # Prepare: accelerate wraps what trains, the optimizer and the data; then the schedule over the prepared data.
+    # Prepare: accelerate wraps what trains, the optimizer and the data.
     models = StepModels(unet, vae, text_encoder, noise_scheduler, scaling_factor, trained=[])
     models, optimizer, dataloader = prepare_for_training(cfg, accelerator, models, optimizer, dataloader)
+    # The schedule over the prepared data. Resume: the checkpoint's weights, optimizer, schedule, RNG and EMA.
     steps_per_epoch, max_steps, lr_scheduler = make_schedule(cfg, optimizer, len(dataloader))
-
-    # Resume: the checkpoint's weights, optimizer, schedule, RNG and EMA (found and matched in the check phase).
-    step, nonfinite_total, ema = resume_training(resume_folder, cfg, network, optimizer, lr_scheduler, accelerator)
+    step, ema = resume_training(resume_folder, cfg, network, optimizer, lr_scheduler, accelerator)
 
     # Loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
     val_log = ValidationLog(output_dir / VAL_LOSS_LOG_NAME) if accelerator.is_main_process else None
     sampled_at = None
-    with (Stopping(accelerator, output_dir, cfg.max_nonfinite_steps, nonfinite_total, resume_command(cfg, DEFAULTS))
-          as stopping, TrainingLog(cfg, accelerator, output_dir, step, max_steps) as log):
+    with (Stopping(cfg, accelerator, resume_folder, resume_command(cfg, DEFAULTS)) as stopping,
+          TrainingLog(cfg, accelerator, output_dir, step, max_steps) as log):
         if step == 0 and accelerator.is_main_process:  # the base model, for comparison
             save_samples(cfg, prompts, accelerator, models, network, tokenizer, 0)
             val_log.record(0, validation, accelerator, models, cfg.seed)
@@ -293,12 +299,14 @@ def main(cfg: argparse.Namespace) -> Path:
                     ema.update()
                 step += 1
                 log.optimizer_step(step, lr_scheduler.get_last_lr()[0], finite)
-                stopping.count_nonfinite(finite, step, log.progress)  # stops the run when too many come in a row
+                if stopping.count_nonfinite(finite, step, log.progress):  # too many in a row: heal (or stop)
+                    step = stopping.roll_back(step, network, optimizer, lr_scheduler, ema)
+                    break  # the epoch's batches start again at the checkpoint's step
                 # Checkpoint, validation loss and samples on their schedules; a stop request saves, then stops.
                 stop_now = stopping.requested()
                 if accelerator.is_main_process and (stop_now or due(step, cfg.checkpointing_steps)):
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity | fp32_parts,
-                                   stopping.nonfinite_total, log.started_at, ema, accelerator.scaler)
+                                   stopping.counters(), log.started_at, ema, accelerator.scaler)
                 if accelerator.is_main_process and (stop_now or due(step, cfg.validation_loss_steps)):
                     val_log.record(step, validation, accelerator, models, cfg.seed)
                 if stop_now:
@@ -323,7 +331,7 @@ def main(cfg: argparse.Namespace) -> Path:
         # Summary: the HTML report, and one screen of what was done and where it is.
         report_path = write_run_report(output_dir)
         print(summary_text(output_dir, final_path, step, log.start_step, time.time() - log.start_time, log.loss,
-                           stopping.nonfinite_total, report_path, dataset, len(validation or ()), val_log))
+                           stopping, report_path, dataset, len(validation or ()), val_log))
     accelerator.end_training()
     return final_path
 

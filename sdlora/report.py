@@ -22,7 +22,9 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlora.run_files import CONFIG_NAME, DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPLES_DIR, VAL_LOSS_LOG_NAME
+from sdlora.healing import read_heals
+from sdlora.run_files import (CONFIG_NAME, DATA_REPORT_NAME, HEALS_LOG_NAME, LOSS_LOG_NAME, SAMPLES_DIR,
+                              VAL_LOSS_LOG_NAME)
 
 REPORT_NAME = "report.html"
 LOSS_PLOT_NAME = "loss.png"
@@ -246,6 +248,21 @@ def loss_section(output_dir: Path) -> str:
             f'width="{PLOT_SIZE[0]}" height="{PLOT_SIZE[1]}"><p>{esc("; ".join(facts))}.</p>')
 
 
+def healing_section(output_dir: Path) -> str:
+    """Only for runs that rolled back (heals.jsonl): each rollback of a diverging run, in order."""
+    heals = read_heals(output_dir / HEALS_LOG_NAME)
+    if not heals:
+        return ""
+    rows = [[heal["step"], heal["streak"], f"{heal['checkpoint']} (step {heal['rolled_back_to']})",
+             f"x{heal['lr_factor']:g}", ", ".join(f"{rate:.3g}" for rate in heal.get("learning_rates", [])),
+             f"{heal['retry']} of {heal['retries']}", ", ".join(heal.get("dropped", [])) or "none"] for heal in heals]
+    legend = note("max_nonfinite_steps non-finite steps in a row sent the run back to the newest valid checkpoint "
+                  "saved before them, at a lower learning rate (nonfinite_lr_factor per rollback).")
+    return "<h2>Healing</h2>" + legend + table(
+        ["at step", "non-finite in a row", "rolled back to", "learning rate", "new base rates", "retry",
+         "checkpoints removed (saved during the streak)"], rows)
+
+
 def samples_section(output_dir: Path, config: dict | None) -> str:
     grids = sample_grids(output_dir)
     if not grids:
@@ -359,7 +376,8 @@ def write_report(output_dir: str | Path) -> Path:
         raise ReportError(f"{output_dir} is not a folder; pass the output_dir of a training run")
     config = read_json(output_dir / CONFIG_NAME)
     written = datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [learning_section(output_dir), loss_section(output_dir), samples_section(output_dir, config),
+    sections = [learning_section(output_dir), loss_section(output_dir), healing_section(output_dir),
+                samples_section(output_dir, config),
                 metrics_section(output_dir),
                 dataset_section(output_dir), config_section(config)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>LoRA run {esc(output_dir.name)}'

@@ -26,11 +26,11 @@ def resume_command(cfg, defaults: dict) -> str:
 
 
 def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, identity: dict,
-                   nonfinite_total: int, started_at: str, ema: Ema | None, grad_scaler) -> None:
-    """Write checkpoint-<step> (with what a resume checks against), then drop the oldest beyond the limit."""
+                   counters: dict, started_at: str, ema: Ema | None, grad_scaler) -> None:
+    """Write checkpoint-<step> (with what a resume checks against, and Stopping's `counters`), then drop the oldest
+    beyond the limit."""
     output_dir = Path(cfg.output_dir)
-    state = {"step": step, "run_identity": identity, "dataset_fingerprint": dataset.fingerprint(),
-             "nonfinite_total": nonfinite_total}
+    state = {"step": step, "run_identity": identity, "dataset_fingerprint": dataset.fingerprint(), **counters}
     extra = None
     if ema:
         extra = {f"ema.{i}": shadow for i, shadow in enumerate(ema.shadow)}
@@ -41,13 +41,13 @@ def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, id
 
 
 def resume_training(folder: Path | None, cfg, network, optimizer, lr_scheduler,
-                    accelerator) -> tuple[int, int, Ema | None]:
-    """(step, non-finite steps so far, the EMA or None): (0, 0, a fresh EMA) for a new run; else the checkpoint's,
+                    accelerator) -> tuple[int, Ema | None]:
+    """(step, the EMA or None): (0, a fresh EMA) for a new run; else the checkpoint's,
     with the LoRA weights, optimizer, schedule, RNGs and GradScaler restored, and the EMA taken from the checkpoint
     or, when it has none, started from the resumed weights. Which checkpoint, and whether it belongs to this run,
     was settled at minute 0 (checkpoints.resolve_resume and check_resume_matches, in preflight.check_data)."""
     if folder is None:
-        return 0, 0, Ema(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
+        return 0, Ema(network.parameters(), cfg.ema_decay) if cfg.ema_decay else None
     state = load_checkpoint(folder, network, optimizer, lr_scheduler, accelerator.scaler)
     ema = None
     if cfg.ema_decay:
@@ -58,4 +58,4 @@ def resume_training(folder: Path | None, cfg, network, optimizer, lr_scheduler,
         else:
             log.warning("warning: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
     accelerator.print(f"resumed from {folder} at step {state['step']}")
-    return state["step"], state.get("nonfinite_total", 0), ema
+    return state["step"], ema

@@ -14,6 +14,7 @@ CONFIG_NAME = "config.json"  # the resolved settings
 DATA_REPORT_NAME = "data_report.json"  # the images used and skipped, and why
 LOSS_LOG_NAME = "loss_log.jsonl"  # one row per optimizer step
 VAL_LOSS_LOG_NAME = "val_loss_log.jsonl"  # one {"step", "val_loss"} row per held-out loss
+HEALS_LOG_NAME = "heals.jsonl"  # one row per rollback of a diverging run (sdlora/healing.py)
 SAMPLES_DIR = "samples"  # step<NNNNNN>-<i>.png and step<NNNNNN>-grid.png
 EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"  # the EMA of the LoRA weights, beside the LoRA file
 LATENT_CACHE_DIR = "latent_cache"  # with cache_latents_to_disk

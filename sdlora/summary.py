@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dataset import CustomDataset
 from sdlora.checkpoints import list_checkpoints
+from sdlora.healing import heal_lines
 from sdlora.interop import check_interop, write_interop_report
 from sdlora.report import write_report
 from sdlora.run_files import DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPLES_DIR
@@ -43,13 +44,14 @@ def write_run_report(output_dir: Path) -> Path | str:
 
 
 def summary_text(output_dir: Path, final_path: Path, step: int, start_step: int, elapsed: float, loss: float,
-                 nonfinite_total: int, report_path, dataset: CustomDataset, held_out: int,
-                 val_log: ValidationLog) -> str:
-    """The one-screen summary printed at the end of a run."""
+                 stopping, report_path, dataset: CustomDataset, held_out: int, val_log: ValidationLog) -> str:
+    """The one-screen summary printed at the end of a run; `stopping` (a Stopping) has the non-finite steps and the
+    rollbacks."""
     steps_done = step - start_step
+    heals = "".join(f"\n  healed:      {line}" for line in heal_lines(stopping.heals))
     return (f"\ndone: {step} steps ({steps_done} this run) in {elapsed:.0f} s "
             f"({steps_done / max(elapsed, 1e-9):.2f} steps/s), final loss {loss:.4f}, "
-            f"{nonfinite_total} non-finite step(s) skipped\n"
+            f"{stopping.nonfinite_total} non-finite step(s) skipped, {len(stopping.heals)} rollback(s){heals}\n"
             f"  LoRA file:   {final_path}\n"
             f"  checkpoints: {len(list_checkpoints(output_dir))} in {output_dir}\n"
             f"  samples:     {output_dir / SAMPLES_DIR}\n"
