@@ -70,6 +70,15 @@ validation_split = 0.0  # share of the images held out for a validation loss, e.
 validation_dataset_path = ""  # or a folder of held-out images (and captions) for the validation loss
 validation_loss_steps = 500  # optimizer steps between validation losses; 0: only at step 0 and the end
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
+# --- which checkpoint to use ---
+judge_checkpoints = False  # at the end: score every kept checkpoint x multiplier, recommend one (docs/judge.md)
+judge_multipliers = (0.6, 0.8, 1.0)  # LoRA strengths the judge tries on each checkpoint
+judge_prompts = ()  # the subject in new contexts, each with the trigger phrase; empty: derived from trigger_phrase
+judge_prior_prompts = ()  # prompts the LoRA must leave alone; empty: judge_prompts with the trigger's class word
+judge_samples_per_prompt = 2  # images the judge draws per prompt (seeds seed + index)
+judge_dino_model = ""  # local folder of facebook/dino-vits16: DINO subject fidelity; "": skipped
+judge_clip_model = ""  # local folder of a CLIP model: CLIP-I subject and CLIP-T prompt fidelity; "": skipped
+early_stopping_patience = 0  # stop when N checkpoints in a row scored no better (judge, else held-out loss); 0: off
 # --- speed and memory ---
 cache_latents = True  # VAE-encode each image once before training (off by itself with random crops)
 cache_text_embeddings = True  # encode each caption once (off by itself when the text encoder trains)
@@ -95,7 +104,9 @@ NOT_RUN_DEFINING = ("dataset_path", "class_data_path", "num_class_images", "outp
                     "validation_dataset_path", "validation_loss_steps", "dataloader_num_workers", "cache_latents",
                     "cache_text_embeddings", "cache_latents_to_disk", "gradient_checkpointing", "strict_data",
                     "resume_despite_changes", "max_nonfinite_steps", "nonfinite_retries", "nonfinite_lr_factor",
-                    "interop_check")
+                    "interop_check", "judge_checkpoints", "judge_multipliers", "judge_prompts",
+                    "judge_prior_prompts", "judge_samples_per_prompt", "judge_dino_model", "judge_clip_model",
+                    "early_stopping_patience")
 RUN_DEFINING = tuple(name for name in CONFIG_NAMES if name not in NOT_RUN_DEFINING)
 
 # The imports follow the configuration on purpose: the constants are the first thing to read.
@@ -116,6 +127,8 @@ from diffusers.optimization import get_scheduler
 from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
+from sdlora.early_stopping import CheckpointScorer, early_stopping_problem
+from sdlora.judge import judge_problem
 from lora_diffusion import NETWORK_TYPES
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
@@ -142,7 +155,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = build_parser(dict(DEFAULTS), __doc__.splitlines()[0]).parse_args(argv)
-    cfg.sample_prompts = tuple(cfg.sample_prompts)
+    for name in (name for name, value in DEFAULTS.items() if isinstance(value, tuple)):  # lists from the flags
+        setattr(cfg, name, tuple(getattr(cfg, name)))
     return cfg
 
 
@@ -189,8 +203,9 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
-    problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
-    need(problem is None, problem)
+    for problem in (optimizer_problem(cfg.optimizer, cfg.learning_rate), early_stopping_problem(cfg),
+                    judge_problem(cfg) if cfg.judge_checkpoints else None):
+        need(problem is None, problem)
     check_prior_preservation(cfg)
     need(cfg.max_nonfinite_steps >= 1 and cfg.nonfinite_retries >= 0,
          f"--max_nonfinite_steps {cfg.max_nonfinite_steps} / --nonfinite_retries {cfg.nonfinite_retries}: at least 1 "
@@ -278,14 +293,14 @@ def main(cfg: argparse.Namespace) -> Path:
 
     # Loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
     val_log = ValidationLog(output_dir / VAL_LOSS_LOG_NAME) if accelerator.is_main_process else None
-    sampled_at = None
+    scorer = CheckpointScorer(cfg, validation, val_log, accelerator, models)  # early stopping's, and the judge's
     with (Stopping(cfg, accelerator, resume_folder, resume_command(cfg, DEFAULTS)) as stopping,
           TrainingLog(cfg, accelerator, output_dir, step, max_steps) as log):
         if step == 0 and accelerator.is_main_process:  # the base model, for comparison
             save_samples(cfg, prompts, accelerator, models, network, tokenizer, 0)
             val_log.record(0, validation, accelerator, models, cfg.seed)
         models.unet.train()
-        while step < max_steps:
+        while step < max_steps and not stopping.stopped_early:
             epoch = step // steps_per_epoch
             for batch in epoch_batches(epoch, step, steps_per_epoch, cfg, accelerator, sampler, train_data, dataloader):
                 # Forward and backward; the update at the end of an accumulation window.
@@ -305,6 +320,7 @@ def main(cfg: argparse.Namespace) -> Path:
                 # Checkpoint, validation loss and samples on their schedules; a stop request saves, then stops.
                 stop_now = stopping.requested()
                 if accelerator.is_main_process and (stop_now or due(step, cfg.checkpointing_steps)):
+                    stopping.evaluated(step, scorer(step, network, dataset, log.started_at))  # early stopping, opt in
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity | fp32_parts,
                                    stopping.counters(), log.started_at, ema, accelerator.scaler)
                 if accelerator.is_main_process and (stop_now or due(step, cfg.validation_loss_steps)):
@@ -313,8 +329,7 @@ def main(cfg: argparse.Namespace) -> Path:
                     raise stopping.on_request(step)
                 if accelerator.is_main_process and due(step, cfg.sample_steps):
                     save_samples(cfg, prompts, accelerator, models, network, tokenizer, step)
-                    sampled_at = step
-                if step >= max_steps:
+                if step >= max_steps or stopping.out_of_patience():
                     break
             log.end_epoch(epoch, step)
 
@@ -323,11 +338,11 @@ def main(cfg: argparse.Namespace) -> Path:
     final_path = output_dir / LORA_FILE_NAME
     if accelerator.is_main_process:
         save_lora_files(cfg, network, ema, final_path, lora_metadata(cfg, dataset, step, log.started_at))
-        if sampled_at != step:  # the last step's samples, unless the schedule just drew them
+        if not due(step, cfg.sample_steps):  # the last step's samples, unless the schedule just drew them
             save_samples(cfg, prompts, accelerator, models, network, tokenizer, step)
         val_log.record(step, validation, accelerator, models, cfg.seed)
-        if cfg.interop_check:
-            interop_self_test(final_path, accelerator, models, cfg.train_text_encoder)
+        interop_self_test(cfg, final_path, accelerator, models)
+        scorer.finish()  # judge_checkpoints: every checkpoint x multiplier scored, one recommended
         # Summary: the HTML report, and one screen of what was done and where it is.
         report_path = write_run_report(output_dir)
         print(summary_text(output_dir, final_path, step, log.start_step, time.time() - log.start_time, log.loss,

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from sdlora.healing import read_heals
+from sdlora.judge import BEST_FILE_NAME, GRID_NAME, JUDGE_DIR, RECOMMENDATION_NAME, TABLE_NAME
 from sdlora.run_files import (CONFIG_NAME, DATA_REPORT_NAME, HEALS_LOG_NAME, LOSS_LOG_NAME, SAMPLES_DIR,
                               VAL_LOSS_LOG_NAME)
 
@@ -298,6 +299,29 @@ def metrics_section(output_dir: Path) -> str:
     return f"<h2>Evaluation</h2>{legend}{table(header, body)}"
 
 
+def judge_section(output_dir: Path) -> str:
+    """Only for judged runs (judge/recommendation.json): the pick and its rule, the table, the grid."""
+    folder = output_dir / JUDGE_DIR
+    recommendation = read_json(folder / RECOMMENDATION_NAME)
+    if recommendation is None:
+        return ""
+    with open(folder / TABLE_NAME, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    pick = (f"Recommended: {recommendation['checkpoint']} at multiplier {recommendation['multiplier']:g}, copied to "
+            f"{BEST_FILE_NAME}. Rule: {recommendation['rule']}.")
+    skipped = note("Skipped: " + "; ".join(recommendation["skipped"])) if recommendation.get("skipped") else ""
+    prompts = recommendation.get("prompts", {})
+    legend = note(f"{recommendation.get('samples_per_prompt', '?')} images per prompt, the same seeds in every row. "
+                  + " ".join(f"{kind} prompts: {' | '.join(texts)}." for kind, texts in prompts.items() if texts))
+    grid = folder / GRID_NAME
+    figure = (f'<figure><img src="{link(output_dir, grid)}" alt="checkpoint x multiplier grid">'
+              f"<figcaption>rows: the base model, then each checkpoint; columns: the multipliers</figcaption></figure>"
+              if grid.is_file() else "")
+    body = [[format_cell(cell) for cell in row] for row in rows[1:]]
+    return (f"<h2>Which checkpoint to use</h2><p>{esc(pick)}</p>{skipped}{legend}"
+            f"{table(rows[0], body) if rows else ''}{figure}")
+
+
 def learning_section(output_dir: Path) -> str:
     """Only for runs that were graded (the demo): a run with no learning.json has no such section."""
     learned = read_json(output_dir / LEARNING_NAME)
@@ -376,7 +400,8 @@ def write_report(output_dir: str | Path) -> Path:
         raise ReportError(f"{output_dir} is not a folder; pass the output_dir of a training run")
     config = read_json(output_dir / CONFIG_NAME)
     written = datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [learning_section(output_dir), loss_section(output_dir), healing_section(output_dir),
+    sections = [learning_section(output_dir), judge_section(output_dir), loss_section(output_dir),
+                healing_section(output_dir),
                 samples_section(output_dir, config),
                 metrics_section(output_dir),
                 dataset_section(output_dir), config_section(config)]

@@ -19,7 +19,7 @@ def resume_command(cfg, defaults: dict) -> str:
         if name == "resume_from_checkpoint" or value == defaults.get(name):
             continue
         if isinstance(value, tuple):
-            args += [f"--{name}", *value]
+            args += [f"--{name}", *map(str, value)]
         else:
             args += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return shlex.join(["python", "train_lora.py", *args, "--resume_from_checkpoint", "latest"])
@@ -37,7 +37,8 @@ def checkpoint_run(cfg, step: int, network, optimizer, lr_scheduler, dataset, id
         state["ema_updates"] = ema.updates
     save_checkpoint(output_dir / f"checkpoint-{step}", network, lora_metadata(cfg, dataset, step, started_at),
                     optimizer, lr_scheduler, state, extra, grad_scaler)
-    prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+    best = counters.get("early_stopping", {}).get("best_step")  # early stopping keeps its best checkpoint
+    prune_checkpoints(output_dir, cfg.checkpoints_total_limit, keep_also=f"checkpoint-{best}" if best else None)
 
 
 def resume_training(folder: Path | None, cfg, network, optimizer, lr_scheduler,

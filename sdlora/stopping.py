@@ -59,6 +59,10 @@ class Stopping:
         saved = read_state(resume_folder) if resume_folder else {}
         self.nonfinite_total, self.heals = saved.get("nonfinite_total", 0), saved.get("heals", [])
         self.nonfinite_in_row, self.target = 0, None
+        # Early stopping: the best score so far, its step, the evaluations since (from the checkpoint on a resume).
+        self.patience = cfg.early_stopping_patience
+        self.best = saved.get("early_stopping", {"best_step": None, "best_score": None, "since_best": 0})
+        self.patience_spent, self.stopped_early = False, False
         self.request = StopRequest()
         self.previous_handlers: dict = {}
 
@@ -79,12 +83,40 @@ class Stopping:
                                f"  {self.resume_command}", 128 + self.request.signal if self.request.signal else 130)
 
     def counters(self) -> dict:
-        """What a checkpoint keeps of these counters: the rollbacks only once there was one (an unhealed run's
-        checkpoints are as they always were)."""
+        """What a checkpoint keeps of these counters: the rollbacks only once there was one, early stopping's record
+        only when it is on (a run without either writes its checkpoints as it always did)."""
         kept = {"nonfinite_total": self.nonfinite_total}
         if self.heals:
             kept |= {"heals": self.heals, "lr_factor": self.heals[-1]["lr_factor"]}
+        if self.patience:
+            kept["early_stopping"] = dict(self.best)
         return kept
+
+    def evaluated(self, step: int, score: float | None) -> None:
+        """Early stopping (main process): the checkpoint at `step` scored `score` (higher is better; None: off)."""
+        if score is None:
+            return
+        if self.best["best_score"] is None or score > self.best["best_score"]:
+            self.best = {"best_step": step, "best_score": score, "since_best": 0}
+        else:
+            self.best["since_best"] += 1
+        print(f"early stopping: step {step} scored {score:.4f}; best checkpoint-{self.best['best_step']} "
+              f"({self.best['best_score']:.4f}), {self.best['since_best']} of {self.patience} evaluations since",
+              flush=True)
+        self.patience_spent = self.best["since_best"] >= self.patience
+
+    def out_of_patience(self) -> bool:
+        """True on every process once early stopping's patience is spent (the main process decides)."""
+        flag = torch.tensor([1.0 if self.patience_spent else 0.0], device=self.accelerator.device)
+        self.stopped_early = bool(self.accelerator.gather(flag).max() > 0)
+        return self.stopped_early
+
+    def early_stop_line(self) -> str:
+        """For the summary: why the run ended before max_train_steps, and which checkpoint was best."""
+        if not self.stopped_early:
+            return ""
+        return (f"\n  stopped early: no better score in {self.patience} evaluations after checkpoint-"
+                f"{self.best['best_step']} (score {self.best['best_score']:.4f}), which is kept")
 
     def count_nonfinite(self, finite: bool, step: int, progress) -> bool:
         """Count the step; a non-finite one is said on the progress bar. True when `limit` came in a row and the run

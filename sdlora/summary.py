@@ -7,6 +7,8 @@ from pathlib import Path
 from dataset import CustomDataset
 from sdlora.checkpoints import list_checkpoints
 from sdlora.healing import heal_lines
+from sdlora.judge import JUDGE_DIR, RECOMMENDATION_NAME, summary_line
+from sdlora.report import read_json
 from sdlora.interop import check_interop, write_interop_report
 from sdlora.report import write_report
 from sdlora.run_files import DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPLES_DIR
@@ -15,12 +17,14 @@ from sdlora.validation import ValidationLog
 log = logging.getLogger(__name__)
 
 
-def interop_self_test(final_path: Path, accelerator, models, text_encoder_trained: bool) -> None:
-    """Reload the final file through diffusers and the A1111 / ComfyUI key rules, against the trained UNet (and text
-    encoder) of `models` (a StepModels); write `<file>.interop.json` and say in one line whether every consumer
-    gets the trained LoRA. Never fatal: the file is already saved."""
+def interop_self_test(cfg, final_path: Path, accelerator, models) -> None:
+    """With cfg.interop_check: reload the final file through diffusers and the A1111 / ComfyUI key rules, against the
+    trained UNet (and text encoder) of `models` (a StepModels); write `<file>.interop.json` and say in one line
+    whether every consumer gets the trained LoRA. Never fatal: the file is already saved."""
+    if not cfg.interop_check:
+        return
     unet = accelerator.unwrap_model(models.unet)
-    text_encoder = accelerator.unwrap_model(models.text_encoder) if text_encoder_trained else None
+    text_encoder = accelerator.unwrap_model(models.text_encoder) if cfg.train_text_encoder else None
     try:
         result = check_interop(final_path, unet, text_encoder)
         written = write_interop_report(final_path, result)
@@ -58,4 +62,11 @@ def summary_text(output_dir: Path, final_path: Path, step: int, start_step: int,
             f"  loss log:    {output_dir / LOSS_LOG_NAME}\n"
             f"  report:      {report_path}\n"
             f"  data report: {output_dir / DATA_REPORT_NAME} ({len(dataset.examples)} training images, "
-            f"{held_out} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir))
+            f"{held_out} held out, {len(dataset.skipped)} skipped)" + val_log.summary(output_dir)
+            + stopping.early_stop_line() + judge_line(output_dir))
+
+
+def judge_line(output_dir: Path) -> str:
+    """The judge's pick, when the run was judged (judge/recommendation.json)."""
+    recommendation = read_json(output_dir / JUDGE_DIR / RECOMMENDATION_NAME)
+    return "\n  " + summary_line(recommendation, output_dir) if recommendation else ""
