@@ -43,7 +43,7 @@ def main() -> None:
     prior_start = edit_start + len(concept.prompts) * k
     known = [p for p in tiny_world.KNOWN_PROMPTS for _ in range(k)]
     table = []
-    for row in sorted(judge.rows.values(), key=lambda r: (r.candidate.step, r.multiplier)):
+    for row in judge.judged:  # every candidate x multiplier, scored, in checkpoint order
         concept_share = tiny_world.share(row.images[edit_start:prior_start], concept.attribute, concept.value)
         kept = tiny_world.attribute_share(known, row.images[prior_start:])
         table.append({"checkpoint": row.candidate.label, "multiplier": row.multiplier, "concept": concept_share,

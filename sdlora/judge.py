@@ -321,7 +321,8 @@ class Judge:
             self.skipped.append("editability (no judge_prompts and no trigger_phrase to derive them from)")
         if not self.prior:
             self.skipped.append("prior kept (no judge_prior_prompts, and no class word in the trigger phrase)")
-        self.rows: dict[tuple[str, float], Row] = {}
+        self.rows: dict[tuple[str, float], Row] = {}  # drawn once per (weights, multiplier)
+        self.judged: list[Row] = []  # judge_all's rows, scored, in checkpoint then multiplier order
         self.pipeline = None  # loaded on the first judgement, after every check
 
     def check_settings(self) -> None:
@@ -466,7 +467,7 @@ class Judge:
         found = candidates(self.run_dir)
         for candidate in found:  # every file refused now, before the first (slow) image
             check_base_model(candidate, self.config["pretrained_model_name_or_path"])
-        rows = [row for candidate in found for row in self.judge_candidate(candidate)]
+        rows = self.judged = [row for candidate in found for row in self.judge_candidate(candidate)]
         best = min(rows, key=lambda row: (-round(row.scores["score"], 6), row.held_out_loss
                                           if row.held_out_loss is not None else math.inf,
                                           row.candidate.step, row.multiplier))
