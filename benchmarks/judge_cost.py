@@ -5,8 +5,8 @@ the minutes to judge N checkpoints x M multipliers from it.
 
 Tiny model: the judge's own pipeline (generate.load_pipeline), 25 PNDM steps, guidance 3, 64 px, batches of 8.
 SD 1.4's shapes: its UNet (the published config, random weights: the time does not depend on the values), one
-guided step = one UNet forward at batch 2 on a 64 x 64 latent (512 px), timed at fp32 on this machine's CPU, times
-25 steps; text encoding and the VAE decode are left out (under 3 % of a 25-step image on SD 1.4). One judged row
+guided step = one UNet forward at batch 2 on a 64 x 64 latent (512 px), timed in fp16 on a GPU when there is one,
+else in fp32 on the CPU, times 25 steps; text encoding and the VAE decode are left out (under 3 % of a 25-step image on SD 1.4). One judged row
 draws (captions <= 8 + 4 editability + 4 prior prompts) x judge_samples_per_prompt images; the base model is one
 row more.
 """
@@ -43,16 +43,24 @@ def tiny_seconds_per_image(images: int = 16) -> float:
 
 
 def sd14_seconds_per_image() -> float:
+    """On a GPU in fp16 (as generate.py samples there), else on the CPU in fp32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
     unet, _ = sd14_models()
-    unet = unet.to_empty(device="cpu")
+    unet = unet.to_empty(device=device)
     for parameter in unet.parameters():
         torch.nn.init.normal_(parameter, std=0.02)
-    unet.eval()
-    latents, states = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
+    unet = unet.to(dtype).eval()
+    latents = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
+    states = torch.randn(2, 77, 768, device=device, dtype=dtype)
     with torch.no_grad():
         unet(latents, 500, states)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
         started = time.perf_counter()
         unet(latents, 500, states)
+        if device == "cuda":
+            torch.cuda.synchronize()
     return (time.perf_counter() - started) * STEPS
 
 
@@ -65,8 +73,9 @@ def main() -> None:
     rows = args.checkpoints * args.multipliers + 1
     images = rows * args.images_per_row
     result = {"torch_threads": torch.get_num_threads(), "tiny_s_per_image": tiny_seconds_per_image(),
-              "sd14_cpu_s_per_image": sd14_seconds_per_image(), "rows": rows, "images": images}
-    for name in ("tiny", "sd14_cpu"):
+              "sd14_s_per_image": sd14_seconds_per_image(), "rows": rows, "images": images}
+    result["sd14_device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("tiny", "sd14"):
         result[f"{name}_minutes"] = images * result[f"{name}_s_per_image"] / 60
     print(json.dumps(result, indent=1))
 

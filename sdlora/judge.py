@@ -235,11 +235,17 @@ def load_scorer(kind, folder: str, option: str, example: str):
                          f"where there is network: `hf download {example} --local-dir FOLDER`), or leave --{option} "
                          f"empty to judge without it")
     try:
-        return kind.from_pretrained(folder, local_files_only=True)
+        loaded = kind.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise JudgeError(f"--{option} {folder} cannot be loaded as a {kind.__name__} ({first_line[:200]}); give the "
                          f"folder of {example} as `hf download` or save_pretrained writes it") from None
+    expected = {"ViTModel": "vit", "CLIPModel": "clip"}.get(kind.__name__)
+    found = getattr(getattr(loaded, "config", None), "model_type", expected)
+    if found != expected:  # transformers loads another architecture's folder with a warning only
+        raise JudgeError(f"--{option} {folder} holds a {found!r} model, not a {expected!r} one; give the folder of "
+                         f"{example}")
+    return loaded
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor, same_set: bool = False) -> float:

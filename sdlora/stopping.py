@@ -129,7 +129,7 @@ class Stopping:
                        f"{self.nonfinite_total} in all)")
         if self.nonfinite_in_row < self.limit:
             return False
-        streak_start = step - self.nonfinite_in_row + 1
+        streak_start, self.progress = step - self.nonfinite_in_row + 1, progress
         self.target = healing.rollback_target(self.output_dir, streak_start)
         if len(self.heals) < self.retries and self.target is not None:
             return True
@@ -151,6 +151,8 @@ class Stopping:
                 "retries": self.retries, "learning_rates": list(lr_scheduler.base_lrs)}
         self.heals = self.heals + [heal]
         self.nonfinite_in_row = 0
+        self.progress.n = back_to  # the bar counts the replayed steps again, not past max_train_steps
+        self.progress.refresh()
         if self.accelerator.is_main_process:
             dropped = healing.drop_abandoned_checkpoints(self.output_dir, back_to)
             healing.log_heal(self.output_dir / HEALS_LOG_NAME, dict(heal, dropped=dropped))

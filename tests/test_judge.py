@@ -161,6 +161,14 @@ def test_missing_scorer_weights_stop_the_run_at_minute_zero(tiny_model_dir, tmp_
     assert not (tmp_path / "config.json").exists()
 
 
+def test_evaluate_judge_with_missing_or_wrong_scorer_folders_names_them(trained_run, tmp_path, scorer_folders):
+    """evaluate.py judge: a missing DINO folder, or a CLIP folder that holds a ViT, each one line naming the option."""
+    with pytest.raises(SystemExit, match="--dino_model|judge_dino_model .*no such folder.*hf download facebook/dino"):
+        evaluate.main(["judge", str(trained_run), "--dino_model", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="judge_clip_model .* holds a 'vit' model, not a 'clip' one"):
+        evaluate.main(["judge", str(trained_run), "--clip_model", str(scorer_folders[0])])
+
+
 def test_judge_prompts_without_the_trigger_phrase_are_refused(tiny_model_dir, tmp_path, trained_run):
     """A judge prompt without the trigger phrase cannot show the subject: refused at minute 0 and by evaluate.py."""
     with pytest.raises(ConfigError, match="'a thing on the beach' does not contain the trigger phrase 'sks thing'"):
