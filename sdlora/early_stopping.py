@@ -37,8 +37,9 @@ class CheckpointScorer:
         self.judge: Judge | None = None
 
     def __call__(self, step: int, network, dataset, started_at: str) -> float | None:
-        """The score of the current weights at `step`, or None when early stopping is off."""
-        if not self.cfg.early_stopping_patience:
+        """The score of the current weights at `step`, or None when early stopping is off or the checkpoint is not a
+        scheduled one (a stop request's: the resumed run would not evaluate it, and must count as the run would)."""
+        if not self.cfg.early_stopping_patience or step % self.cfg.checkpointing_steps:
             return None
         if not self.cfg.judge_checkpoints:
             self.val_log.record(step, self.validation, self.accelerator, self.models, self.cfg.seed)

@@ -47,6 +47,9 @@ def updates_are_finite(loss: torch.Tensor, parameters: list, accelerator) -> boo
     return bool(accelerator.gather(ok).min() > 0)
 
 
+NO_EVALUATION = {"best_step": None, "best_score": None, "since_best": 0}  # early stopping's record before the first
+
+
 class Stopping:
     """The ways a run stops early, each message with the command that resumes it: a SIGTERM / SIGINT, handled while
     the `with` lasts (the loop saves at the next step boundary, then stops), and `max_nonfinite_steps` non-finite
@@ -61,7 +64,7 @@ class Stopping:
         self.nonfinite_in_row, self.target = 0, None
         # Early stopping: the best score so far, its step, the evaluations since (from the checkpoint on a resume).
         self.patience = cfg.early_stopping_patience
-        self.best = saved.get("early_stopping", {"best_step": None, "best_score": None, "since_best": 0})
+        self.best = dict(saved.get("early_stopping", NO_EVALUATION))
         self.patience_spent, self.stopped_early = False, False
         self.request = StopRequest()
         self.previous_handlers: dict = {}
@@ -144,6 +147,8 @@ class Stopping:
         """Go back to the checkpoint count_nonfinite chose, at nonfinite_lr_factor times the learning rate (once
         more for every earlier rollback); log it; returns the step to continue from."""
         lr_factor = self.lr_factor ** (len(self.heals) + 1)
+        if self.patience:  # early stopping's record goes back too: evaluations of the abandoned branch do not count
+            self.best = dict(read_state(self.target).get("early_stopping", NO_EVALUATION))
         back_to = healing.roll_back(self.target, lr_factor, network, optimizer, lr_scheduler, ema, self.accelerator)
         self.accelerator.wait_for_everyone()  # every process has read the checkpoint before any is removed
         heal = {"step": step, "streak": self.nonfinite_in_row, "rolled_back_to": back_to,
