@@ -208,6 +208,44 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_checkpoint(tiny_
     assert "stopped early: no better score in 2 evaluations after checkpoint-4" in capsys.readouterr().out
 
 
+def weight_size_as_loss(latents, embeddings, unet, *args) -> float:
+    """A held-out "loss" that is a function of the LoRA weights only (their L1 size: it grows as they train), so a
+    resumed run, holding the same weights at the same step, sees the same values."""
+    return float(sum(p.detach().abs().sum() for p in unet.parameters() if p.requires_grad))
+
+
+def test_early_stopping_resumed_after_a_kill_stops_where_the_whole_run_stops(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed in the save of checkpoint-6 and resumed: the run stops at the same step with the same LoRA and the same
+    record (the record of checkpoint-4 comes back; checkpoint-6 is evaluated once more)."""
+    from kill_runner import plant_save_fault
+
+    monkeypatch.setattr(validation, "validation_loss", weight_size_as_loss)
+    flags = ("--max_train_steps", "20", "--validation_split", "0.5", "--early_stopping_patience", "2")
+    whole = train_lora.main(run_config(tiny_model_dir, tmp_path / "whole", *flags))
+
+    class Killed(Exception):
+        pass
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    plant_save_fault("before_write", "checkpoint-6", kill, monkeypatch.setattr)
+    with pytest.raises(Killed):
+        train_lora.main(run_config(tiny_model_dir, tmp_path / "killed", *flags))
+    monkeypatch.undo()
+    monkeypatch.setattr(validation, "validation_loss", weight_size_as_loss)
+    resumed = train_lora.main(run_config(tiny_model_dir, tmp_path / "killed", *flags,
+                                         "--resume_from_checkpoint", "latest"))
+    assert load_file(str(whole)).keys() == load_file(str(resumed)).keys()
+    assert all(torch.equal(t, load_file(str(resumed))[k]) for k, t in load_file(str(whole)).items())
+    records = [json.loads((run / "checkpoint-6" / "training_state.json").read_text())["early_stopping"]
+               for run in (tmp_path / "whole", tmp_path / "killed")]
+    assert records[0] == records[1] and records[0]["since_best"] == 2 and records[0]["best_step"] == 2
+    for final in (whole, resumed):
+        with safe_open(str(final), "pt") as f:
+            assert f.metadata()["step"] == "6"
+
+
 def test_early_stopping_without_a_score_is_refused(tiny_model_dir, tmp_path):
     """Patience without the judge and without held-out images has nothing to compare: refused at minute 0."""
     with pytest.raises(ConfigError, match="early_stopping_patience needs a score"):
