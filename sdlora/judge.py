@@ -129,18 +129,22 @@ def prior_prompts(trigger: str, edit_prompts: list[str], given: tuple[str, ...])
 def judge_problem(cfg) -> str | None:
     """Why a run's judge_* settings cannot work, or None: checked at minute 0 (train_lora.check_config), so a judge
     that could not run is never found out at the end of a long run."""
+    return settings_problem(cfg.trigger_phrase.strip(), JudgeSettings.of_run(vars(cfg)))
+
+
+def settings_problem(trigger: str, settings: "JudgeSettings") -> str | None:
+    """The one check of judge settings, for train_lora.py's and evaluate.py's."""
     try:
-        trigger_prompts(cfg.trigger_phrase.strip(), cfg.judge_prompts)
+        trigger_prompts(trigger, settings.prompts)
     except JudgeError as error:
         return str(error)
-    if not cfg.judge_multipliers or min(cfg.judge_multipliers) <= 0:
-        return (f"--judge_multipliers {' '.join(map(str, cfg.judge_multipliers))}: give positive LoRA multipliers, "
+    if not settings.multipliers or min(settings.multipliers) <= 0:
+        return (f"--judge_multipliers {' '.join(map(str, settings.multipliers))}: give positive LoRA multipliers, "
                 f"e.g. 0.6 0.8 1.0")
-    if cfg.judge_samples_per_prompt < 1:
-        return f"--judge_samples_per_prompt {cfg.judge_samples_per_prompt}: at least 1"
-    for option, example in (("judge_dino_model", "facebook/dino-vits16"),
-                            ("judge_clip_model", "openai/clip-vit-base-patch32")):
-        folder = getattr(cfg, option)
+    if settings.samples_per_prompt < 1:
+        return f"--judge_samples_per_prompt {settings.samples_per_prompt}: at least 1"
+    for option, folder, example in (("judge_dino_model", settings.dino_model, "facebook/dino-vits16"),
+                                    ("judge_clip_model", settings.clip_model, "openai/clip-vit-base-patch32")):
         if folder and not (Path(folder) / "config.json").is_file():
             return (f"--{option} {folder}: no model folder there (no config.json). Give the local folder of {example} "
                     f"(fetch it once where there is network: `hf download {example} --local-dir FOLDER`), or leave "
@@ -333,13 +337,11 @@ class Judge:
 
     def check_settings(self) -> None:
         trigger = self.config.get("trigger_phrase", "").strip()
+        problem = settings_problem(trigger, self.settings)
+        if problem:
+            raise JudgeError(problem)
         self.edit_prompts = trigger_prompts(trigger, self.settings.prompts)
         self.prior = prior_prompts(trigger, self.edit_prompts, self.settings.prior_prompts)
-        if not self.settings.multipliers or min(self.settings.multipliers) <= 0:
-            raise JudgeError(f"--judge_multipliers {' '.join(map(str, self.settings.multipliers))}: give positive "
-                             f"LoRA multipliers, e.g. 0.6 0.8 1.0")
-        if self.settings.samples_per_prompt < 1:
-            raise JudgeError("--judge_samples_per_prompt must be at least 1")
 
     # --- the base model and its own images -------------------------------------------------------------------
 

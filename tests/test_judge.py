@@ -163,7 +163,7 @@ def test_missing_scorer_weights_stop_the_run_at_minute_zero(tiny_model_dir, tmp_
 
 def test_evaluate_judge_with_missing_or_wrong_scorer_folders_names_them(trained_run, tmp_path, scorer_folders):
     """evaluate.py judge: a missing DINO folder, or a CLIP folder that holds a ViT, each one line naming the option."""
-    with pytest.raises(SystemExit, match="--dino_model|judge_dino_model .*no such folder.*hf download facebook/dino"):
+    with pytest.raises(SystemExit, match="judge_dino_model .*no model folder there.*hf download facebook/dino-vits16"):
         evaluate.main(["judge", str(trained_run), "--dino_model", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="judge_clip_model .* holds a 'vit' model, not a 'clip' one"):
         evaluate.main(["judge", str(trained_run), "--clip_model", str(scorer_folders[0])])
