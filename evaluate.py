@@ -7,6 +7,7 @@ over checkpoints x LoRA multipliers that writes both into one table.
         --reference my_dog --output_dir out/dog/evaluation --clip_model openai/clip-vit-large-patch14 \
         --pretrained_model_name_or_path sd14 --prompts_file prompts.txt --num_images 8
     python evaluate.py report out/dog       # (re)write a training run's report.html
+    python evaluate.py judge out/dog --dino_model dino-vits16 --clip_model clip-vit-base-patch32   # which checkpoint?
 
 A folder of images means every .png .jpg .jpeg .webp .bmp under it, sub-folders included, except hidden files
 and the `*-grid.png` contact sheets generate.py and train_lora.py write. Every flag the sweep does not know goes to
@@ -36,6 +37,7 @@ from torch import nn
 
 import generate
 from sdlora.files import IMAGE_EXTENSIONS, image_files
+from sdlora.judge import JudgeError, judge_run
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
 from sdlora.report import ReportError, write_report
 from sdlora.sampling import prompt_texts
@@ -375,7 +377,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,clip-score,sweep,report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,clip-score,sweep,report,judge}")
     fid_command = commands.add_parser("fid", help="FID of a folder of generated images against a reference folder")
     fid_command.add_argument("generated", help="folder of generated images")
     fid_command.add_argument("reference", help="folder of reference (real) images")
@@ -397,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_command.add_argument("--clip_model", default="", help="hub id or folder of a CLIPModel; empty: no CLIP score")
     report_command = commands.add_parser("report", help="write (or rewrite) a training run's report.html")
     report_command.add_argument("run", help="the output_dir of a training run")
+    judge_command = commands.add_parser("judge", help="score every checkpoint of a run at several multipliers, "
+                                                      "recommend one (sdlora/judge.py); unset flags: the run's judge_*")
+    judge_command.add_argument("run", help="the output_dir of a training run")
+    judge_command.add_argument("--multipliers", nargs="+", type=float, help="LoRA multipliers, e.g. 0.6 0.8 1.0")
+    judge_command.add_argument("--prompts", nargs="+", help="the subject in new contexts, with the trigger phrase")
+    judge_command.add_argument("--prior_prompts", nargs="+", help="prompts the LoRA must leave as they were")
+    judge_command.add_argument("--samples_per_prompt", type=int, help="images per prompt")
+    judge_command.add_argument("--dino_model", help="local folder of facebook/dino-vits16")
+    judge_command.add_argument("--clip_model", help="local folder of a CLIP model")
     return parser
 
 
@@ -414,6 +425,10 @@ def run_command(argv: list[str] | None = None) -> None:
         print(f"CLIP score {value:.4f}  ({args.folder})")
     elif args.command == "report":
         print(f"report: {write_report(args.run)}")
+    elif args.command == "judge":
+        judge_run(args.run, {name: getattr(args, name) for name in ("multipliers", "prompts", "prior_prompts",
+                                                                      "samples_per_prompt", "dino_model", "clip_model")})
+        print(f"report: {write_report(args.run)}")
     else:
         scorer = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else None
         csv_path = sweep(args.checkpoints, args.multipliers, args.reference, args.output_dir, extra,
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run one command; a user mistake exits with one `error: ...` line (the option and the fix), no traceback."""
     try:
         run_command(argv)
-    except (EvaluationError, ConfigError, LoRAError, ReportError) as error:
+    except (EvaluationError, ConfigError, LoRAError, ReportError, JudgeError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -86,6 +86,15 @@ validation_split = 0.0  # share of the images held out for a validation loss, e.
 validation_dataset_path = ""  # or a folder of held-out images (and captions) for the validation loss
 validation_loss_steps = 500  # optimizer steps between validation losses; 0: only at step 0 and the end
 dataloader_num_workers = 0  # background processes decoding images; 0: in the training process
+# --- which checkpoint to use ---
+judge_checkpoints = False  # at the end: score every kept checkpoint x multiplier, recommend one (docs/judge.md)
+judge_multipliers = (0.6, 0.8, 1.0)  # LoRA strengths the judge tries on each checkpoint
+judge_prompts = ()  # the subject in new contexts, each with the trigger phrase; empty: derived from trigger_phrase
+judge_prior_prompts = ()  # prompts the LoRA must leave alone; empty: judge_prompts with the trigger's class word
+judge_samples_per_prompt = 2  # images the judge draws per prompt (seeds seed + index)
+judge_dino_model = ""  # local folder of facebook/dino-vits16: DINO subject fidelity; "": skipped
+judge_clip_model = ""  # local folder of a CLIP model: CLIP-I subject and CLIP-T prompt fidelity; "": skipped
+early_stopping_patience = 0  # stop when N checkpoints in a row scored no better (judge, else held-out loss); 0: off
 # --- speed and memory ---
 cache_latents = True  # VAE-encode each image once before training (off by itself with random crops)
 cache_text_embeddings = True  # encode each caption once (off by itself when the text encoder trains)
@@ -94,7 +103,9 @@ gradient_checkpointing = False  # recompute UNet activations in the backward pas
 # --- safety ---
 strict_data = False  # True: any unusable image stops the run instead of being skipped
 resume_despite_changes = False  # True: resume even when settings or data differ (the run is then not exact)
-max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run stops
+max_nonfinite_steps = 5  # consecutive non-finite losses/gradients (each skips its update) before the run heals or stops
+nonfinite_retries = 2  # then roll back to the newest valid checkpoint from before them, at most N times; 0: stop
+nonfinite_lr_factor = 0.5  # each rollback multiplies the learning rate by this, in (0, 1)
 interop_check = True  # after saving, load the file as diffusers, A1111 and ComfyUI would and compare the deltas
 
 # Everything above is configuration: collected here, before any import adds names of its own.
@@ -109,7 +120,10 @@ NOT_RUN_DEFINING = ("dataset_path", "dataset_config", "mask_path", "class_data_p
                     "sample_guidance_scale", "validation_split",
                     "validation_dataset_path", "validation_loss_steps", "dataloader_num_workers", "cache_latents",
                     "cache_text_embeddings", "cache_latents_to_disk", "gradient_checkpointing", "strict_data",
-                    "resume_despite_changes", "max_nonfinite_steps", "interop_check")
+                    "resume_despite_changes", "max_nonfinite_steps", "nonfinite_retries", "nonfinite_lr_factor",
+                    "interop_check", "judge_checkpoints", "judge_multipliers", "judge_prompts",
+                    "judge_prior_prompts", "judge_samples_per_prompt", "judge_dino_model", "judge_clip_model",
+                    "early_stopping_patience")
 RUN_DEFINING = tuple(name for name in CONFIG_NAMES if name not in NOT_RUN_DEFINING)
 
 # The imports follow the configuration on purpose: the constants are the first thing to read.
@@ -130,6 +144,8 @@ from diffusers.optimization import get_scheduler
 from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
+from sdlora.early_stopping import CheckpointScorer, early_stopping_problem
+from sdlora.judge import judge_problem
 from lora_diffusion import NETWORK_TYPES
 from sdlora.kohya_dataset import check_dataset_config, has_class_subsets
 from sdlora.losses import check_loss_settings, check_mask_settings
@@ -166,7 +182,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(defaults, __doc__.splitlines()[0])
     parser.add_argument("--config", default="", metavar="RUN.TOML", help="settings from a TOML file; flags win")
     cfg = parser.parse_args(argv)
-    cfg.sample_prompts = tuple(cfg.sample_prompts)
+    for name in (name for name, value in DEFAULTS.items() if isinstance(value, tuple)):  # lists from the flags
+        setattr(cfg, name, tuple(getattr(cfg, name)))
     return cfg
 
 
@@ -213,12 +230,18 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay}: in [0, 1), e.g. 0.999 (0 turns EMA off)")
     need(min(cfg.keep_tags, cfg.snr_gamma, cfg.noise_offset, cfg.text_encoder_lr) >= 0,
          "--keep_tags, --snr_gamma, --noise_offset and --text_encoder_lr cannot be negative")
-    problem = optimizer_problem(cfg.optimizer, cfg.learning_rate)
-    need(problem is None, problem)
+    for problem in (optimizer_problem(cfg.optimizer, cfg.learning_rate), early_stopping_problem(cfg),
+                    judge_problem(cfg) if cfg.judge_checkpoints else None):
+        need(problem is None, problem)
     check_prior_preservation(cfg)
     check_loss_settings(cfg)
     check_mask_settings(cfg)
     check_dataset_config(cfg, DEFAULTS)
+    need(cfg.max_nonfinite_steps >= 1 and cfg.nonfinite_retries >= 0,
+         f"--max_nonfinite_steps {cfg.max_nonfinite_steps} / --nonfinite_retries {cfg.nonfinite_retries}: at least 1 "
+         f"non-finite step before healing, and 0 or more retries (0: stop as soon as the limit is reached)")
+    need(0 < cfg.nonfinite_lr_factor < 1, f"--nonfinite_lr_factor {cfg.nonfinite_lr_factor}: in (0, 1), e.g. 0.5; "
+         f"the same learning rate would diverge again the same way (set --nonfinite_retries 0 to never roll back)")
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
 
@@ -286,30 +309,28 @@ def main(cfg: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         check_free_disk(output_dir, network, cfg)
 
-    # Data: the cached or raw items, in batches of the seeded bucket order.
+    # Data: the cached or raw items, in batches of the seeded bucket order. Optimizer: over the LoRA weights, the
+    # UNet's and the text encoder's each at their learning rate.
     sampler, dataloader = make_dataloader(cfg, dataset, train_data, tokenizer, accelerator.num_processes)
-
-    # Optimizer: over the LoRA weights, the UNet's and the text encoder's each at their learning rate.
     optimizer = make_optimizer(cfg, network)
 
-    # Prepare: accelerate wraps what trains, the optimizer and the data; then the schedule over the prepared data.
+    # Prepare: accelerate wraps what trains, the optimizer and the data.
     models = StepModels(unet, vae, text_encoder, noise_scheduler, scaling_factor, trained=[])
     models, optimizer, dataloader = prepare_for_training(cfg, accelerator, models, optimizer, dataloader)
+    # The schedule over the prepared data. Resume: the checkpoint's weights, optimizer, schedule, RNG and EMA.
     steps_per_epoch, max_steps, lr_scheduler = make_schedule(cfg, optimizer, len(dataloader))
-
-    # Resume: the checkpoint's weights, optimizer, schedule, RNG and EMA (found and matched in the check phase).
-    step, nonfinite_total, ema = resume_training(resume_folder, cfg, network, optimizer, lr_scheduler, accelerator)
+    step, ema = resume_training(resume_folder, cfg, network, optimizer, lr_scheduler, accelerator)
 
     # Loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
     val_log = ValidationLog(output_dir / VAL_LOSS_LOG_NAME) if accelerator.is_main_process else None
-    sampled_at = None
-    with (Stopping(accelerator, output_dir, cfg.max_nonfinite_steps, nonfinite_total, resume_command(cfg, DEFAULTS))
-          as stopping, TrainingLog(cfg, accelerator, output_dir, step, max_steps) as log):
+    scorer = CheckpointScorer(cfg, validation, val_log, accelerator, models)  # early stopping's, and the judge's
+    with (Stopping(cfg, accelerator, resume_folder, resume_command(cfg, DEFAULTS)) as stopping,
+          TrainingLog(cfg, accelerator, output_dir, step, max_steps) as log):
         if step == 0 and accelerator.is_main_process:  # the base model, for comparison
             save_samples(cfg, prompts, accelerator, models, network, tokenizer, 0)
             val_log.record(0, validation, accelerator, models, cfg.seed)
         models.unet.train()
-        while step < max_steps:
+        while step < max_steps and not stopping.stopped_early:
             epoch = step // steps_per_epoch
             for batch in epoch_batches(epoch, step, steps_per_epoch, cfg, accelerator, sampler, train_data, dataloader):
                 # Forward and backward; the update at the end of an accumulation window.
@@ -323,20 +344,22 @@ def main(cfg: argparse.Namespace) -> Path:
                     ema.update()
                 step += 1
                 log.optimizer_step(step, lr_scheduler.get_last_lr()[0], finite)
-                stopping.count_nonfinite(finite, step, log.progress)  # stops the run when too many come in a row
+                if stopping.count_nonfinite(finite, step, log.progress):  # too many in a row: heal (or stop)
+                    step = stopping.roll_back(step, network, optimizer, lr_scheduler, ema)
+                    break  # the epoch's batches start again at the checkpoint's step
                 # Checkpoint, validation loss and samples on their schedules; a stop request saves, then stops.
                 stop_now = stopping.requested()
                 if accelerator.is_main_process and (stop_now or due(step, cfg.checkpointing_steps)):
+                    stopping.evaluated(step, scorer(step, network, dataset, log.started_at))  # early stopping, opt in
                     checkpoint_run(cfg, step, network, optimizer, lr_scheduler, dataset, identity | fp32_parts,
-                                   stopping.nonfinite_total, log.started_at, ema, accelerator.scaler)
+                                   stopping.counters(), log.started_at, ema, accelerator.scaler)
                 if accelerator.is_main_process and (stop_now or due(step, cfg.validation_loss_steps)):
                     val_log.record(step, validation, accelerator, models, cfg.seed)
                 if stop_now:
                     raise stopping.on_request(step)
                 if accelerator.is_main_process and due(step, cfg.sample_steps):
                     save_samples(cfg, prompts, accelerator, models, network, tokenizer, step)
-                    sampled_at = step
-                if step >= max_steps:
+                if step >= max_steps or stopping.out_of_patience():
                     break
             log.end_epoch(epoch, step)
 
@@ -345,15 +368,15 @@ def main(cfg: argparse.Namespace) -> Path:
     final_path = output_dir / LORA_FILE_NAME
     if accelerator.is_main_process:
         save_lora_files(cfg, network, ema, final_path, lora_metadata(cfg, dataset, step, log.started_at))
-        if sampled_at != step:  # the last step's samples, unless the schedule just drew them
+        if not due(step, cfg.sample_steps):  # the last step's samples, unless the schedule just drew them
             save_samples(cfg, prompts, accelerator, models, network, tokenizer, step)
         val_log.record(step, validation, accelerator, models, cfg.seed)
-        if cfg.interop_check:
-            interop_self_test(final_path, accelerator, models, cfg.train_text_encoder)
+        interop_self_test(cfg, final_path, accelerator, models)
+        scorer.finish()  # judge_checkpoints: every checkpoint x multiplier scored, one recommended
         # Summary: the HTML report, and one screen of what was done and where it is.
         report_path = write_run_report(output_dir)
         print(summary_text(output_dir, final_path, step, log.start_step, time.time() - log.start_time, log.loss,
-                           stopping.nonfinite_total, report_path, dataset, len(validation or ()), val_log))
+                           stopping, report_path, dataset, len(validation or ()), val_log))
     accelerator.end_training()
     return final_path
 

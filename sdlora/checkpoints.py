@@ -155,11 +155,13 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (0: all). Runs only after a new checkpoint is complete."""
+def prune_checkpoints(output_dir: Path, keep: int, keep_also: str | None = None) -> None:
+    """Keep the newest `keep` checkpoints (0: all) and the one named `keep_also` (early stopping's best). Runs only
+    after a new checkpoint is complete."""
     if keep > 0:
         for folder in list_checkpoints(output_dir)[:-keep]:
-            remove_checkpoint(folder)
+            if folder.name != keep_also:
+                remove_checkpoint(folder)
 
 
 def read_state(folder: Path) -> dict:

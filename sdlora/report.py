@@ -22,7 +22,10 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlora.run_files import CONFIG_NAME, DATA_REPORT_NAME, LOSS_LOG_NAME, SAMPLES_DIR, VAL_LOSS_LOG_NAME
+from sdlora.healing import read_heals
+from sdlora.judge import BEST_FILE_NAME, GRID_NAME, JUDGE_DIR, RECOMMENDATION_NAME, TABLE_NAME
+from sdlora.run_files import (CONFIG_NAME, DATA_REPORT_NAME, HEALS_LOG_NAME, LOSS_LOG_NAME, SAMPLES_DIR,
+                              VAL_LOSS_LOG_NAME)
 
 REPORT_NAME = "report.html"
 LOSS_PLOT_NAME = "loss.png"
@@ -246,6 +249,21 @@ def loss_section(output_dir: Path) -> str:
             f'width="{PLOT_SIZE[0]}" height="{PLOT_SIZE[1]}"><p>{esc("; ".join(facts))}.</p>')
 
 
+def healing_section(output_dir: Path) -> str:
+    """Only for runs that rolled back (heals.jsonl): each rollback of a diverging run, in order."""
+    heals = read_heals(output_dir / HEALS_LOG_NAME)
+    if not heals:
+        return ""
+    rows = [[heal["step"], heal["streak"], f"{heal['checkpoint']} (step {heal['rolled_back_to']})",
+             f"x{heal['lr_factor']:g}", ", ".join(f"{rate:.3g}" for rate in heal.get("learning_rates", [])),
+             f"{heal['retry']} of {heal['retries']}", ", ".join(heal.get("dropped", [])) or "none"] for heal in heals]
+    legend = note("max_nonfinite_steps non-finite steps in a row sent the run back to the newest valid checkpoint "
+                  "saved before them, at a lower learning rate (nonfinite_lr_factor per rollback).")
+    return "<h2>Healing</h2>" + legend + table(
+        ["at step", "non-finite in a row", "rolled back to", "learning rate", "new base rates", "retry",
+         "checkpoints removed (saved during the streak)"], rows)
+
+
 def samples_section(output_dir: Path, config: dict | None) -> str:
     grids = sample_grids(output_dir)
     if not grids:
@@ -279,6 +297,29 @@ def metrics_section(output_dir: Path) -> str:
     legend = note(f"From {METRICS_PATH}: FID lower is closer to the reference images, CLIP score higher "
                   f"follows the prompt better.")
     return f"<h2>Evaluation</h2>{legend}{table(header, body)}"
+
+
+def judge_section(output_dir: Path) -> str:
+    """Only for judged runs (judge/recommendation.json): the pick and its rule, the table, the grid."""
+    folder = output_dir / JUDGE_DIR
+    recommendation = read_json(folder / RECOMMENDATION_NAME)
+    if recommendation is None:
+        return ""
+    with open(folder / TABLE_NAME, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    pick = (f"Recommended: {recommendation['checkpoint']} at multiplier {recommendation['multiplier']:g}, copied to "
+            f"{BEST_FILE_NAME}. Rule: {recommendation['rule']}.")
+    skipped = note("Skipped: " + "; ".join(recommendation["skipped"])) if recommendation.get("skipped") else ""
+    prompts = recommendation.get("prompts", {})
+    legend = note(f"{recommendation.get('samples_per_prompt', '?')} images per prompt, the same seeds in every row. "
+                  + " ".join(f"{kind} prompts: {' | '.join(texts)}." for kind, texts in prompts.items() if texts))
+    grid = folder / GRID_NAME
+    figure = (f'<figure><img src="{link(output_dir, grid)}" alt="checkpoint x multiplier grid">'
+              f"<figcaption>rows: the base model, then each checkpoint; columns: the multipliers</figcaption></figure>"
+              if grid.is_file() else "")
+    body = [[format_cell(cell) for cell in row] for row in rows[1:]]
+    return (f"<h2>Which checkpoint to use</h2><p>{esc(pick)}</p>{skipped}{legend}"
+            f"{table(rows[0], body) if rows else ''}{figure}")
 
 
 def learning_section(output_dir: Path) -> str:
@@ -359,7 +400,9 @@ def write_report(output_dir: str | Path) -> Path:
         raise ReportError(f"{output_dir} is not a folder; pass the output_dir of a training run")
     config = read_json(output_dir / CONFIG_NAME)
     written = datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [learning_section(output_dir), loss_section(output_dir), samples_section(output_dir, config),
+    sections = [learning_section(output_dir), judge_section(output_dir), loss_section(output_dir),
+                healing_section(output_dir),
+                samples_section(output_dir, config),
                 metrics_section(output_dir),
                 dataset_section(output_dir), config_section(config)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>LoRA run {esc(output_dir.name)}'

@@ -15,6 +15,7 @@ RUN_CONFIG_NAME = "config.toml"  # the same settings as a file `train_lora.py --
 DATA_REPORT_NAME = "data_report.json"  # the images used and skipped, and why
 LOSS_LOG_NAME = "loss_log.jsonl"  # one row per optimizer step
 VAL_LOSS_LOG_NAME = "val_loss_log.jsonl"  # one {"step", "val_loss"} row per held-out loss
+HEALS_LOG_NAME = "heals.jsonl"  # one row per rollback of a diverging run (sdlora/healing.py)
 SAMPLES_DIR = "samples"  # step<NNNNNN>-<i>.png and step<NNNNNN>-grid.png
 EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"  # the EMA of the LoRA weights, beside the LoRA file
 TEXTUAL_INVERSION_FILE_NAME = "learned_embeds.safetensors"  # a trained token's embedding, as diffusers names it

@@ -79,7 +79,7 @@ def build_parser(defaults: dict, description: str) -> argparse.ArgumentParser:
         if isinstance(value, bool):  # bare `--flag` means true, as in the diffusers and kohya scripts
             kind = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "true|false"}
         elif isinstance(value, tuple):
-            kind = {"nargs": "*", "metavar": "VALUE"}
+            kind = {"nargs": "*", "metavar": "VALUE", "type": type(value[0]) if value else str}
         else:
             kind = {"type": type(value)}
         parser.add_argument(f"--{name}", default=value, **kind)

@@ -77,7 +77,7 @@ class ValidationLog:
     """val_loss_log.jsonl rows {"step", "val_loss"}, TensorBoard's val/loss, and the best step so far."""
 
     def __init__(self, path: Path):
-        self.path, self.best, self.last_step = path, None, None
+        self.path, self.best, self.last_step, self.last_value = path, None, None, None
 
     def record(self, step: int, validation: ValidationSet | None, accelerator, models: StepModels, seed: int) -> None:
         if validation is None or step == self.last_step:  # the end of a run can fall on a scheduled validation
@@ -87,6 +87,7 @@ class ValidationLog:
         value = validation_loss(validation.latents, validation.embeddings(text_encoder),
                                 accelerator.unwrap_model(models.unet), models.noise_scheduler, seed,
                                 accelerator.autocast)
+        self.last_value = value
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
         accelerator.log({"val/loss": value}, step=step)

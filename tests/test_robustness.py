@@ -177,7 +177,8 @@ def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, 
     """NaN from step 5 on: the run stops after max_nonfinite_steps, keeps its checkpoints valid and finite,
     writes no final file, and prints the command that resumes."""
     nan_loss_at(monkeypatch, set(range(5, 100)))
-    cfg = short_run(tiny_model_dir, tmp_path, "--max_train_steps", "20", "--max_nonfinite_steps", "3")
+    cfg = short_run(tiny_model_dir, tmp_path, "--max_train_steps", "20", "--max_nonfinite_steps", "3",
+                    "--nonfinite_retries", "0")
     with pytest.raises(TrainingStopped) as stopped:
         train_lora.main(cfg)
     assert stopped.value.exit_code != 0
@@ -188,6 +189,73 @@ def test_persistent_nan_aborts_with_last_good_checkpoint_intact(tiny_model_dir, 
     newest = load_file(str(tmp_path / "checkpoint-6" / LORA_FILE_NAME))
     assert all(torch.isfinite(t).all() and torch.equal(t, newest[k]) for k, t in last_good.items())
     assert not (tmp_path / LORA_FILE_NAME).exists()
+
+
+def healed_run(tiny_model_dir, output_dir, *extra: str):
+    """10 steps, a checkpoint every 2, healing after 3 non-finite steps in a row."""
+    return short_run(tiny_model_dir, output_dir, "--max_train_steps", "10", "--max_nonfinite_steps", "3", *extra)
+
+
+def test_planted_divergence_rolls_back_lowers_the_rate_and_finishes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """NaN at steps 5-7: the run goes back to checkpoint-4 (the newest saved before the streak), removes checkpoint-6
+    (saved during it), halves the learning rate, finishes all 10 steps with finite weights, and says so in the log,
+    the summary, the report and the later checkpoints."""
+    nan_loss_at(monkeypatch, {5, 6, 7})
+    final = train_lora.main(healed_run(tiny_model_dir, tmp_path, "--learning_rate", "2e-4"))
+    assert all(torch.isfinite(t).all() for t in load_file(str(final)).values())
+    heals = [json.loads(line) for line in (tmp_path / "heals.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["rolled_back_to"], h["lr_factor"], h["dropped"]) for h in heals] == [
+        (7, 4, 0.5, ["checkpoint-6"])]
+    rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 10]
+    assert rows[3]["lr"] == pytest.approx(2e-4) and rows[-1]["lr"] == pytest.approx(1e-4)
+    assert not rows[-1]["skipped"] and all(not row["skipped"] for row in rows[7:])
+    state = checkpoints.read_state(tmp_path / "checkpoint-10")
+    assert state["lr_factor"] == 0.5 and len(state["heals"]) == 1 and state["nonfinite_total"] == 3
+    assert "lr_factor" not in checkpoints.read_state(tmp_path / "checkpoint-4")  # before the heal: as it was
+    assert "1 rollback(s)" in capsys.readouterr().out and "Healing" in (tmp_path / "report.html").read_text()
+
+
+def test_a_healed_run_resumed_after_its_rollback_finishes_identically(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed in the save of checkpoint-10 after a rollback, resumed from checkpoint-8: same final LoRA as the run
+    that was not killed (the lowered rate and the retries spent come back from the checkpoint)."""
+    nan_loss_at(monkeypatch, {5, 6, 7})
+    whole = load_file(str(train_lora.main(healed_run(tiny_model_dir, tmp_path / "whole"))))
+    monkeypatch.undo()
+    nan_loss_at(monkeypatch, {5, 6, 7})
+    crash_at(monkeypatch, "before_write", "checkpoint-10")
+    with pytest.raises(Crash):
+        train_lora.main(healed_run(tiny_model_dir, tmp_path / "killed"))
+    monkeypatch.undo()
+    resumed = load_file(str(train_lora.main(healed_run(tiny_model_dir, tmp_path / "killed",
+                                                       "--resume_from_checkpoint", "latest"))))
+    assert all(torch.equal(tensor, resumed[key]) for key, tensor in whole.items())
+    assert checkpoints.read_state(tmp_path / "killed" / "checkpoint-10")["heals"][0]["rolled_back_to"] == 4
+
+
+def test_healing_stops_as_before_once_its_retries_are_spent(tiny_model_dir, tmp_path, monkeypatch):
+    """NaN from step 5 on with one retry: one rollback to checkpoint-4, then the run stops with the resume command."""
+    nan_loss_at(monkeypatch, set(range(5, 100)))
+    with pytest.raises(TrainingStopped) as stopped:
+        train_lora.main(healed_run(tiny_model_dir, tmp_path, "--nonfinite_retries", "1"))
+    assert "1 rollback(s) done, nonfinite_retries is 1" in str(stopped.value) and stopped.value.exit_code == 3
+    assert len((tmp_path / "heals.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / LORA_FILE_NAME).exists()
+
+
+def test_divergence_before_the_first_checkpoint_stops_naming_why(tiny_model_dir, tmp_path, monkeypatch):
+    """NaN at steps 1-3: no checkpoint from before the streak exists, so the run stops, saying so."""
+    nan_loss_at(monkeypatch, {1, 2, 3})
+    with pytest.raises(TrainingStopped, match="no valid checkpoint from before step 1 to roll back to"):
+        train_lora.main(healed_run(tiny_model_dir, tmp_path))
+
+
+@pytest.mark.parametrize("flag, value", [("--nonfinite_lr_factor", "1.0"), ("--nonfinite_lr_factor", "0"),
+                                         ("--nonfinite_retries", "-1")])
+def test_healing_settings_that_cannot_heal_are_refused(tiny_model_dir, tmp_path, flag, value):
+    """A factor outside (0, 1) or negative retries stop at minute 0, naming the flag."""
+    with pytest.raises(ConfigError, match=flag):
+        train_lora.main(short_run(tiny_model_dir, tmp_path, flag, value))
 
 
 def test_checkpoint_due_on_a_skipped_step_is_written(tiny_model_dir, tmp_path, monkeypatch):
