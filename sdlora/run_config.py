@@ -2,7 +2,7 @@
 resolved settings are written back as TOML into the output folder, so a run is one file to share.
 
 The file is flat: `name = value` per constant, with the constant's own type (a list of strings for a tuple such as
-sample_prompts). Reading uses Python's tomllib; writing needs no package for flat key/values (toml_text).
+sample_prompts, of numbers for judge_multipliers). Reading uses Python's tomllib; writing needs no package for flat key/values (toml_text).
 """
 
 import difflib
@@ -36,7 +36,7 @@ def nearest_name(name: str, names: list[str]) -> str:
 
 def read_run_config(path: str | Path, defaults: dict) -> dict:
     """The settings of a run TOML, each checked against `defaults` (the constants): a known name, a value of the
-    constant's type (an integer is a float too; a tuple is a list of strings). Returns {name: value}, tuples as
+    constant's type (an integer is a float too; a tuple is a list of strings, or of numbers where its default holds numbers). Returns {name: value}, tuples as
     tuples."""
     table = read_toml(path, "--config")
     values = {}
@@ -65,6 +65,11 @@ def typed_value(path, name: str, value, default):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
         return float(value)
+    if isinstance(default, tuple) and default and isinstance(default[0], float):  # e.g. judge_multipliers
+        if not isinstance(value, list) or not all(isinstance(item, (int, float)) and not isinstance(item, bool)
+                                                  for item in value):
+            raise wrong("a list of numbers, e.g. [0.6, 0.8, 1.0]")
+        return tuple(float(item) for item in value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise wrong("a list of strings, e.g. [\"a photo of sks dog\"]")

@@ -46,6 +46,7 @@ def test_flags_override_the_config_file_which_overrides_the_constants(tmp_path):
     ("rank = 4.5\n", "rank = 4.5: expected a whole number"),
     ("random_flip = 'yes'\n", "random_flip = 'yes': expected true or false"),
     ("sample_prompts = 'one'\n", "sample_prompts = 'one': expected a list of strings"),
+    ("judge_multipliers = ['1.0']\n", r"judge_multipliers = \['1.0'\]: expected a list of numbers"),
 ])
 def test_a_bad_run_config_is_refused_naming_the_file_and_the_fix(tmp_path, text, words):
     """An unknown key (with the nearest name), a syntax error (line and column), a value of the wrong type."""
