@@ -35,6 +35,7 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONV_TARGETS = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 NETWORK_TYPES = ("lora", "dora", "loha", "lokr")
+LORA_INITS = ("kaiming", "gaussian")  # how a LoRA's down projection starts (LoRALayer)
 # kohya's ss_network_module and LyCORIS's `algo` in ss_network_args, which their tools read to rebuild the network
 # (LyCORIS spells DoRA as algo lora with dora_wd; kohya's own networks.lora is plain LoRA / LoCon).
 _NETWORK_MODULES = {"lora": ("networks.lora", None), "dora": ("lycoris.kohya", "lora"),
@@ -45,7 +46,8 @@ _NETWORK_MODULES = {"lora": ("networks.lora", None), "dora": ("lycoris.kohya", "
 class AdapterSpec:
     """Which adapter every injected layer is, and its options: `lora_dropout` on the LoRA input; `network_dropout`
     on the down projection's output (kohya's meaning; LoRA only: the other types have no such activation);
-    `rank_dropout` and `module_dropout` (see AdapterLayer); `lokr_factor` (see LoKrLayer)."""
+    `rank_dropout` and `module_dropout` (see AdapterLayer); `lokr_factor` (see LoKrLayer); `lora_init`, how LoRA's
+    and DoRA's down projection starts (see LoRALayer)."""
 
     network_type: str = "lora"
     lora_dropout: float = 0.0
@@ -53,6 +55,7 @@ class AdapterSpec:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     lokr_factor: int = -1
+    lora_init: str = "kaiming"
 
 
 class LoRALayer(AdapterLayer):
@@ -60,8 +63,9 @@ class LoRALayer(AdapterLayer):
 
         out = base(x) + multiplier * scale * up(down(dropout(x))),    scale = alpha / rank
 
-    Shapes: x is (..., in) for Linear, (B, in, H, W) for Conv2d; `down` is A (rank x in), Kaiming-uniform;
-    `up` is B (out x rank), zeros, so a new layer is an exact no-op. For a k x k convolution `down` is a k x k
+    Shapes: x is (..., in) for Linear, (B, in, H, W) for Conv2d; `down` is A (rank x in), Kaiming-uniform (`init`
+    "kaiming", std 1/sqrt(3 in)) or N(0, 1/rank) ("gaussian", PEFT's, as the diffusers example trains); `up` is B
+    (out x rank), zeros, so a new layer is an exact no-op. For a k x k convolution `down` is a k x k
     convolution to `rank` channels with the base's stride and padding and `up` a 1x1 one (kohya's LoCon), so the
     update's kernel is up @ down, [out, in, k, k]. `multiplier` is the user's strength (1 as trained). The LoRA
     weights are fp32 whatever the base dtype; the update is cast to the base output's dtype.
@@ -74,8 +78,12 @@ class LoRALayer(AdapterLayer):
     network_type = "lora"
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int = 4, alpha: float = 4.0, dropout: float = 0.0,
-                 network_dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 network_dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 init: str = "kaiming"):
         super().__init__(base, rank, alpha, module_dropout, rank_dropout)
+        if init not in LORA_INITS:
+            raise LoRAError(f"lora_init {init!r}: choose one of {', '.join(LORA_INITS)}")
+        self.init = init
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32, device=base.weight.device)
             self.up = nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32, device=base.weight.device)
@@ -88,8 +96,13 @@ class LoRALayer(AdapterLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same init as the LoRA paper's reference code: A random, B zero.
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        # A random, B zero. Kaiming-uniform is the LoRA paper's reference code's and kohya's; the gaussian is PEFT's
+        # (init_lora_weights="gaussian"). On SD 1.4's 320-1280 wide projections at rank 4 the gaussian A is about
+        # 12x larger, so the update grows that much faster at the same learning rate.
+        if self.init == "gaussian":
+            nn.init.normal_(self.down.weight, std=1 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,8 +154,8 @@ class DoRALayer(LoRALayer):
     network_type = "dora"
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int = 4, alpha: float = 4.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0):
-        super().__init__(base, rank, alpha, rank_dropout=rank_dropout, module_dropout=module_dropout)
+                 module_dropout: float = 0.0, init: str = "kaiming"):
+        super().__init__(base, rank, alpha, rank_dropout=rank_dropout, module_dropout=module_dropout, init=init)
         self.magnitude = nn.Parameter(column_norm(base.weight.detach().float()))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,9 +193,9 @@ def make_layer(base: nn.Linear | nn.Conv2d, rank: int, alpha: float, spec: Adapt
     """The layer of `spec.network_type` around `base`, with the spec's dropouts."""
     if spec.network_type == "lora":
         return LoRALayer(base, rank, alpha, spec.lora_dropout, spec.network_dropout, spec.rank_dropout,
-                         spec.module_dropout)
+                         spec.module_dropout, spec.lora_init)
     if spec.network_type == "dora":
-        return DoRALayer(base, rank, alpha, spec.rank_dropout, spec.module_dropout)
+        return DoRALayer(base, rank, alpha, spec.rank_dropout, spec.module_dropout, spec.lora_init)
     if spec.network_type == "loha":
         return LoHaLayer(base, rank, alpha, spec.module_dropout, spec.rank_dropout)
     if spec.network_type == "lokr":
@@ -454,4 +467,4 @@ def inject_from_modules(modules: LoRAModules, unet: nn.Module, text_encoder: nn.
     return LoRANetwork(layers, rank=rank, alpha=alpha, targets=targets,
                        conv_rank=convs[0].rank if convs else 0, conv_alpha=convs[0].alpha if convs else None,
                        spec=AdapterSpec(types[0], spec.lora_dropout, spec.network_dropout, spec.rank_dropout,
-                                        spec.module_dropout, spec.lokr_factor), parent=parent)
+                                        spec.module_dropout, spec.lokr_factor, spec.lora_init), parent=parent)

@@ -37,6 +37,7 @@ lora_targets = "attention"  # attention: q/k/v/out projections; all: also feed-f
 conv_rank = 0  # LoCon: also LoRA on the 3x3 convolutions of ResNet blocks and samplers (kohya's conv_dim); 0: off
 conv_alpha = 1.0  # conv update scale is conv_alpha / conv_rank (kohya's conv_alpha)
 network_type = "lora"  # lora; dora: LoRA + a magnitude per input column; loha: Hadamard; lokr: Kronecker (LyCORIS)
+lora_init = "kaiming"  # LoRA's A: kaiming (LoRA paper, kohya) or gaussian (N(0, 1/rank): PEFT, the diffusers example)
 lokr_factor = -1  # LoKr: split each dimension as factor x rest (it must divide them); -1: the most balanced split
 network_dropout = 0.0  # kohya's: dropout on the down projection's output (lora only); 0: off
 rank_dropout = 0.0  # leave out each rank (lora, dora) or update row (loha, lokr) with this probability; 0: off
@@ -146,7 +147,7 @@ from sdlora.checkpoints import CheckpointError, resolve_resume
 from sdlora.cpu_kernels import check_cpu_precision
 from sdlora.early_stopping import CheckpointScorer, early_stopping_problem
 from sdlora.judge import judge_problem
-from lora_diffusion import NETWORK_TYPES
+from lora_diffusion import LORA_INITS, NETWORK_TYPES
 from sdlora.kohya_dataset import check_dataset_config, has_class_subsets
 from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
@@ -222,6 +223,10 @@ def check_config(cfg: argparse.Namespace) -> None:
     need(cfg.network_dropout == 0 or cfg.network_type == "lora",
          f"--network_dropout {cfg.network_dropout} with --network_type {cfg.network_type}: only LoRA has a down "
          f"projection to drop out; use --rank_dropout or --module_dropout, or --network_type lora")
+    need(cfg.lora_init in LORA_INITS, f"--lora_init {cfg.lora_init!r}: choose one of {', '.join(LORA_INITS)}")
+    need(cfg.lora_init == "kaiming" or cfg.network_type in ("lora", "dora"),
+         f"--lora_init {cfg.lora_init} with --network_type {cfg.network_type}: only LoRA and DoRA have a down "
+         f"projection to start otherwise; drop --lora_init or use --network_type lora")
     need(cfg.lokr_factor == -1 or cfg.lokr_factor >= 1,
          f"--lokr_factor {cfg.lokr_factor}: a positive divisor of the layers' dimensions (e.g. 4 or 8), or -1")
     check_network_weights(cfg, DEFAULTS)

@@ -109,7 +109,7 @@ def inject_lora(cfg, unet, text_encoder):
     seed it just before, so every run starts alike. A token the text encoder trains (pivotal tuning) joins the
     network."""
     spec = AdapterSpec(cfg.network_type, cfg.lora_dropout, cfg.network_dropout, cfg.rank_dropout, cfg.module_dropout,
-                       cfg.lokr_factor)
+                       cfg.lokr_factor, cfg.lora_init)
     if cfg.network_weights:
         network = network_from_file(cfg, unet, text_encoder, spec)
     else:

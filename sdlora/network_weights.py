@@ -11,7 +11,7 @@ from sdlora.settings import ConfigError
 
 # Settings the file decides when network_weights is set; a value other than the default that the file contradicts
 # is refused rather than silently ignored.
-_FROM_THE_FILE = ("rank", "alpha", "conv_rank", "conv_alpha", "lora_targets")
+_FROM_THE_FILE = ("rank", "alpha", "conv_rank", "conv_alpha", "lora_targets", "lora_init")
 _OTHER_BASES = ("sdxl", "sd_v2", "sd3", "flux")  # ss_base_model_version prefixes of models SD 1.x cannot take
 
 
@@ -34,9 +34,9 @@ def check_network_weights(cfg, defaults: dict) -> None:
                           f"{', '.join(types)}: the file decides the type; drop --network_type")
     changed = [f"--{name} {getattr(cfg, name)}" for name in _FROM_THE_FILE if getattr(cfg, name) != defaults[name]]
     if changed:
-        raise ConfigError(f"{', '.join(changed)} with --network_weights: the file decides the ranks, alphas and "
-                          f"targets (kohya's dim_from_weights); drop those flags, or resize the file first "
-                          f"(python lora_tools.py resize FILE OUT --rank K)")
+        raise ConfigError(f"{', '.join(changed)} with --network_weights: the file decides the ranks, alphas, "
+                          f"targets and starting weights (kohya's dim_from_weights); drop those flags, or resize the "
+                          f"file first (python lora_tools.py resize FILE OUT --rank K)")
     has_text_encoder = any(model_name == "text_encoder" for model_name, _ in modules)
     if has_text_encoder != cfg.train_text_encoder:
         fix = "--train_text_encoder true" if has_text_encoder else "--train_text_encoder false"

@@ -2,6 +2,7 @@
 ComfyUI read them, and training that starts from a LoRA file (network_weights)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -331,6 +332,8 @@ def test_network_weights_naming_a_module_the_model_lacks_is_refused_listing_it(u
     (["--module_dropout", "-0.1"], "--module_dropout -0.1"),
     (["--network_dropout", "0.1", "--network_type", "loha"], "only LoRA has a down projection"),
     (["--lokr_factor", "0"], "--lokr_factor 0"),
+    (["--lora_init", "xavier"], "--lora_init 'xavier': choose one of kaiming, gaussian"),
+    (["--lora_init", "gaussian", "--network_type", "lokr"], "--lora_init gaussian with --network_type lokr"),
     (["--network_weights", "missing.safetensors"], "--network_weights missing.safetensors: LoRA file not found"),
 ])
 def test_bad_adapter_settings_are_refused_naming_option_and_fix(flags, message):
@@ -345,6 +348,7 @@ def test_network_weights_refuses_settings_the_file_decides(tmp_path, unet):
     path = str(network.save(tmp_path / "parent.safetensors"))
     for flags, message in ((["--rank", "8"], "--rank 8 with --network_weights"),
                            (["--network_type", "loha"], "--network_type loha but --network_weights"),
+                           (["--lora_init", "gaussian"], "--lora_init gaussian with --network_weights"),
                            (["--train_text_encoder", "true"], "has no text-encoder modules")):
         with pytest.raises(ConfigError, match=message):
             train_lora.check_config(train_lora.parse_config(["--network_weights", path, *flags]))
@@ -517,3 +521,16 @@ def test_module_dropout_trains_on_two_processes(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     modules, _ = read_lora_modules(tmp_path / "run" / "pytorch_lora_weights.safetensors")
     assert {m.network_type for m in modules.values()} == {"loha"}
+
+
+@pytest.mark.parametrize("network_type", ["lora", "dora"])
+def test_lora_init_gaussian_draws_down_from_n_0_1_over_rank_and_starts_as_a_no_op(network_type):
+    """lora_init gaussian: A ~ N(0, 1/rank) as PEFT's init_lora_weights="gaussian" (std within 5 % over 8 x 1280
+    draws), against Kaiming-uniform's 1/sqrt(3 in); B is zero either way, so the layer starts as the base."""
+    torch.manual_seed(0)
+    base = nn.Linear(1280, 1280)
+    x = torch.randn(3, 1280)
+    for init, expected_std in (("gaussian", 1 / 8), ("kaiming", 1 / math.sqrt(3 * 1280))):
+        layer = make_layer(base, 8, 8.0, AdapterSpec(network_type, lora_init=init))
+        assert abs(layer.down.weight.std().item() / expected_std - 1) < 0.05
+        assert torch.equal(layer(x), base(x))
