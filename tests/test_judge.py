@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 import evaluate
 import train_lora
@@ -20,7 +20,7 @@ from sdlora.files import sha256_file
 from sdlora.judge import BEST_FILE_NAME, Judge, JudgeError, judge_run, mean_cosine
 from sdlora.lora_file import LORA_FILE_NAME
 from sdlora.settings import ConfigError
-from sdlora.tiny_model import build_tokenizer
+from test_evaluate import build_tiny_clip
 
 TRIGGER = "sks thing"
 
@@ -50,15 +50,9 @@ def scorer_folders(tmp_path_factory) -> tuple[Path, Path]:
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4), add_pooling_layer=False).save_pretrained(root / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
-    tokenizer = build_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    model, processor = build_tiny_clip()  # the random CLIP the CLIP-score tests use
+    model.save_pretrained(root / "clip")
+    processor.save_pretrained(root / "clip")
     return root / "dino", root / "clip"
 
 
