@@ -144,11 +144,12 @@ from diffusers.optimization import get_scheduler
 
 from dataset import DatasetError
 from sdlora.checkpoints import CheckpointError, resolve_resume
+from sdlora.class_images import check_prior_preservation
 from sdlora.cpu_kernels import check_cpu_precision
 from sdlora.early_stopping import CheckpointScorer, early_stopping_problem
 from sdlora.judge import judge_problem
 from lora_diffusion import LORA_INITS, NETWORK_TYPES
-from sdlora.kohya_dataset import check_dataset_config, has_class_subsets
+from sdlora.kohya_dataset import check_dataset_config
 from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
@@ -238,7 +239,7 @@ def check_config(cfg: argparse.Namespace) -> None:
     for problem in (optimizer_problem(cfg.optimizer, cfg.learning_rate), early_stopping_problem(cfg),
                     judge_problem(cfg) if cfg.judge_checkpoints else None):
         need(problem is None, problem)
-    check_prior_preservation(cfg)
+    check_prior_preservation(cfg, DEFAULTS)
     check_loss_settings(cfg)
     check_mask_settings(cfg)
     check_dataset_config(cfg, DEFAULTS)
@@ -249,36 +250,6 @@ def check_config(cfg: argparse.Namespace) -> None:
          f"the same learning rate would diverge again the same way (set --nonfinite_retries 0 to never roll back)")
     need(cfg.caption_extension.startswith("."),
          f"--caption_extension {cfg.caption_extension!r}: include the dot, e.g. .txt")
-
-
-def check_prior_preservation(cfg: argparse.Namespace) -> None:
-    """Class images: a prompt for them, a folder apart from the instance images, or no class settings at all."""
-    class_names = ("class_prompt", "num_class_images") + (() if has_class_subsets(cfg.dataset_config)
-                                                           else ("prior_loss_weight",))  # is_reg subsets use it
-    class_settings = [f"--{name} {getattr(cfg, name)}" for name in class_names if getattr(cfg, name) != DEFAULTS[name]]
-    if not cfg.class_data_path:
-        if class_settings:
-            raise ConfigError(f"{', '.join(class_settings)} set but class_data_path is empty: point "
-                              f"--class_data_path at a folder of class images (or an empty one to fill) to train "
-                              f"with prior preservation, or drop those settings")
-        return
-    folder, instances = Path(cfg.class_data_path).resolve(), Path(cfg.dataset_path).resolve()
-    if folder == instances or instances in folder.parents or folder in instances.parents:
-        raise ConfigError(f"--class_data_path {cfg.class_data_path} and --dataset_path {cfg.dataset_path} overlap: "
-                          f"class images are the base model's idea of the class and must not be the subject's "
-                          f"images; use a folder outside the other")
-    if not cfg.class_prompt.strip():
-        raise ConfigError("--class_data_path needs --class_prompt, the class's plain prompt without the trigger "
-                          "word (e.g. \"a photo of a dog\")")
-    if cfg.prior_loss_weight <= 0:
-        raise ConfigError(f"--prior_loss_weight {cfg.prior_loss_weight}: must be positive (1.0 in DreamBooth); "
-                          f"to train without class images, set class_data_path to \"\"")
-    if cfg.num_class_images < 0:
-        raise ConfigError(f"--num_class_images {cfg.num_class_images}: cannot be negative (0: never generate)")
-    if not folder.is_dir() and cfg.num_class_images == 0:
-        raise ConfigError(f"--class_data_path {cfg.class_data_path} does not exist and num_class_images is 0: "
-                          f"put class images there, or set --num_class_images (e.g. 100) to have the base model "
-                          f"draw them")
 
 
 # ---------------------------------------------------------------------------------------------------------------

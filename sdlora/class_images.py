@@ -14,8 +14,40 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from sdlora.files import atomic_write, image_files
+from sdlora.kohya_dataset import has_class_subsets
+from sdlora.settings import ConfigError
 
 GENERATION_BATCH = 4  # images per pipeline call
+
+
+def check_prior_preservation(cfg, defaults: dict) -> None:
+    """Class images: a prompt for them, a folder apart from the instance images, or no class settings at all."""
+    class_names = ("class_prompt", "num_class_images") + (() if has_class_subsets(cfg.dataset_config)
+                                                           else ("prior_loss_weight",))  # is_reg subsets use it
+    class_settings = [f"--{name} {getattr(cfg, name)}" for name in class_names if getattr(cfg, name) != defaults[name]]
+    if not cfg.class_data_path:
+        if class_settings:
+            raise ConfigError(f"{', '.join(class_settings)} set but class_data_path is empty: point "
+                              f"--class_data_path at a folder of class images (or an empty one to fill) to train "
+                              f"with prior preservation, or drop those settings")
+        return
+    folder, instances = Path(cfg.class_data_path).resolve(), Path(cfg.dataset_path).resolve()
+    if folder == instances or instances in folder.parents or folder in instances.parents:
+        raise ConfigError(f"--class_data_path {cfg.class_data_path} and --dataset_path {cfg.dataset_path} overlap: "
+                          f"class images are the base model's idea of the class and must not be the subject's "
+                          f"images; use a folder outside the other")
+    if not cfg.class_prompt.strip():
+        raise ConfigError("--class_data_path needs --class_prompt, the class's plain prompt without the trigger "
+                          "word (e.g. \"a photo of a dog\")")
+    if cfg.prior_loss_weight <= 0:
+        raise ConfigError(f"--prior_loss_weight {cfg.prior_loss_weight}: must be positive (1.0 in DreamBooth); "
+                          f"to train without class images, set class_data_path to \"\"")
+    if cfg.num_class_images < 0:
+        raise ConfigError(f"--num_class_images {cfg.num_class_images}: cannot be negative (0: never generate)")
+    if not folder.is_dir() and cfg.num_class_images == 0:
+        raise ConfigError(f"--class_data_path {cfg.class_data_path} does not exist and num_class_images is 0: "
+                          f"put class images there, or set --num_class_images (e.g. 100) to have the base model "
+                          f"draw them")
 
 
 def free_names(folder: Path, count: int) -> list[Path]:
