@@ -154,7 +154,7 @@ from sdlora.losses import check_loss_settings, check_mask_settings
 from sdlora.loading import LORA_TARGETS, agreed_fp32_parts, inject_lora, load_encoders, trainable_unet
 from sdlora.network_weights import check_network_weights
 from sdlora.lora_file import LORA_FILE_NAME, LoRAError
-from sdlora.optimizers import build_optimizer, optimizer_problem
+from sdlora.optimizers import make_optimizer, optimizer_problem
 from sdlora.preflight import check_data, check_free_disk
 from sdlora.resuming import checkpoint_run, resume_command, resume_training
 from sdlora.run_config import read_run_config
@@ -371,18 +371,6 @@ def make_accelerator(cfg, output_dir: Path) -> Accelerator:
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output_dir / LOGS_DIR),
     )
-
-
-def make_optimizer(cfg, network) -> torch.optim.Optimizer:
-    """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
-    text_encoder_lr, a trained token's embedding at train_token_lr."""
-    groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
-                          for p in layer.trainable_parameters()], "lr": lr}
-              for model_name, lr in (("unet", cfg.learning_rate),
-                                     ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
-    if network.token is not None:  # decay would pull the vectors towards zero, away from every word
-        groups.append({"params": [network.token.vectors], "lr": cfg.train_token_lr, "weight_decay": 0.0})
-    return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)
 
 
 def prepare_for_training(cfg, accelerator: Accelerator, models: StepModels, optimizer,

@@ -73,3 +73,15 @@ def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch
 
         return Lion(groups, weight_decay=weight_decay)
     raise AssertionError(f"unchecked optimizer {name!r}")  # optimizer_problem refuses unknown names first
+
+
+def make_optimizer(cfg, network) -> torch.optim.Optimizer:
+    """The chosen optimizer over the LoRA weights: the UNet's at learning_rate, the text encoder's at
+    text_encoder_lr, a trained token's embedding at train_token_lr."""
+    groups = [{"params": [p for (name, _), layer in network.layers.items() if name == model_name
+                          for p in layer.trainable_parameters()], "lr": lr}
+              for model_name, lr in (("unet", cfg.learning_rate),
+                                     ("text_encoder", cfg.text_encoder_lr or cfg.learning_rate))]
+    if network.token is not None:  # decay would pull the vectors towards zero, away from every word
+        groups.append({"params": [network.token.vectors], "lr": cfg.train_token_lr, "weight_decay": 0.0})
+    return build_optimizer(cfg.optimizer, [group for group in groups if group["params"]], cfg.adam_weight_decay)
